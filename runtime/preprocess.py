@@ -1,0 +1,59 @@
+"""Image preprocessing shared by training and the runtime, so both feed the backbone identical tensors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from tilecore.runtime.errors import TilecoreError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Name written into run metadata / manifests; changing the resize below means changing this name.
+RESIZE_RULE = "opencv_inter_area"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB uint8 image becomes a normalised float tensor."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "resize": RESIZE_RULE, "channel_order": "RGB", "layout": "NCHW"}
+
+
+def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an RGB uint8 image with OpenCV's area interpolation (antialiased when shrinking)."""
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def preprocess_batch(images: list[np.ndarray], spec: Preprocess) -> np.ndarray:
+    """RGB uint8 images [H, W, 3] (any size) -> normalised float32 batch [B, 3, height, width]."""
+    if not images:
+        raise TilecoreError("preprocess: empty batch, expected at least one image")
+    batch = np.empty((len(images), 3, spec.height, spec.width), dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    for i, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise TilecoreError(f"preprocess: got {image.dtype} {image.shape}, expected uint8 [H, W, 3]")
+        resized = resize_rgb(image, spec.height, spec.width).astype(np.float32) / 255.0
+        batch[i] = ((resized - mean) / std).transpose(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+    return batch
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a bool mask [H, W] with nearest-neighbour sampling."""
+    if mask.shape == (height, width):
+        return mask
+    resized = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    return resized > 0
