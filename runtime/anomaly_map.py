@@ -25,9 +25,7 @@ def patch_scores_to_map(patch_scores: np.ndarray, height: int, width: int, sigma
     if sigma <= 0:
         return upsampled
     size = blur_kernel_size(sigma)
-    return cv2.GaussianBlur(
-        upsampled, (size, size), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
-    )
+    return cv2.GaussianBlur(upsampled, (size, size), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def batch_to_maps(patch_scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:

@@ -26,8 +26,12 @@ console = Console(stderr=True)
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
 
 
@@ -47,8 +51,14 @@ def data_synth(
     with progress_bar() as progress:
         task = progress.add_task(f"synth {size}px", total=len(categories) * (n_train + n_test_good + n_test_defect))
         summary = build_synth_dataset(
-            out, size, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed,
-            categories=categories, on_image=lambda: progress.advance(task),
+            out,
+            size,
+            n_train=n_train,
+            n_test_good=n_test_good,
+            n_test_defect=n_test_defect,
+            seed=seed,
+            categories=categories,
+            on_image=lambda: progress.advance(task),
         )
     console.print(f"dataset written to {out} ({len(summary.get('categories', categories))} categories)")
 

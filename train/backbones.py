@@ -43,9 +43,7 @@ def resolve_out_indices(backbone: str, layers: list[str]) -> list[int]:
     return indices
 
 
-def create_feature_extractor(
-    backbone: str, layers: list[str], state_dict: dict[str, torch.Tensor] | None
-) -> nn.Module:
+def create_feature_extractor(backbone: str, layers: list[str], state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
     """A frozen timm `features_only` model returning one feature map per requested layer.
 
     `state_dict` uses the full classifier model's key names; entries the truncated model lacks (deeper
@@ -58,9 +56,7 @@ def create_feature_extractor(
         state_dict = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state_dict}
         missing = [k for k in expected if k not in state_dict]
         if missing:
-            raise TilecoreError(
-                f"weights for {backbone}: {len(missing)} feature tensors missing (first: {missing[0]})"
-            )
+            raise TilecoreError(f"weights for {backbone}: {len(missing)} feature tensors missing (first: {missing[0]})")
         for key, value in expected.items():
             if state_dict[key].shape != value.shape:
                 raise TilecoreError(

@@ -74,7 +74,7 @@ def check_root(root: Path, fmt: str) -> None:
 def load_category(root: Path, category: str, fmt: str, val_fraction: float, seed: int) -> CategoryData:
     root = Path(root)
     check_root(root, fmt)
-    normals, test = (load_visa(root, category) if fmt == "visa" else load_mvtec(root, category))
+    normals, test = load_visa(root, category) if fmt == "visa" else load_mvtec(root, category)
     if not normals:
         raise TilecoreError(f"dataset {root} category {category}: no normal training images found")
     train, validation = split_validation(normals, val_fraction, seed)

@@ -43,8 +43,13 @@ def ground_truth(sample: Sample, image_shape: tuple[int, int], size: int) -> np.
 
 
 def score_category(
-    config: Config, embedder: Embedder, scorer: BankScorer, samples: list[Sample], skipped: list[str],
-    progress: Progress, label: str,
+    config: Config,
+    embedder: Embedder,
+    scorer: BankScorer,
+    samples: list[Sample],
+    skipped: list[str],
+    progress: Progress,
+    label: str,
 ) -> tuple[list[Sample], np.ndarray, np.ndarray, np.ndarray]:
     """(kept samples, image scores [N], anomaly maps [N, S, S], masks [N, S, S]) for readable samples."""
     size = config.data.image_size
@@ -94,11 +99,19 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
         metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
         results[category] = metrics
         skipped_all[category] = skipped
-        atomic_write_json(run_dir / category / "test_scores.json", [
-            {"image": str(s.image), "label": s.label, "defect": s.defect, "score": float(v),
-             "defect_pixels": int(m.sum())}
-            for s, v, m in zip(kept, scores, masks, strict=True)
-        ])
+        atomic_write_json(
+            run_dir / category / "test_scores.json",
+            [
+                {
+                    "image": str(s.image),
+                    "label": s.label,
+                    "defect": s.defect,
+                    "score": float(v),
+                    "defect_pixels": int(m.sum()),
+                }
+                for s, v, m in zip(kept, scores, masks, strict=True)
+            ],
+        )
     mean = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
     report = {"categories": results, "mean": mean}
     atomic_write_json(run_dir / METRICS_FILE, report)

@@ -78,14 +78,20 @@ def fit_bank(
     features = torch.from_numpy(embeddings.reshape(-1, embeddings.shape[-1]))  # [N*h*w, D]
     task = progress.add_task(f"{data.name}: coreset", total=1)
     indices = approximate_greedy_coreset(
-        features, config.model.coreset_ratio, config.train.seed,
+        features,
+        config.model.coreset_ratio,
+        config.train.seed,
         on_progress=lambda done, total: progress.update(task, completed=done, total=total),
     )
     return np.ascontiguousarray(features.numpy()[np.sort(indices)])
 
 
 def validation_summary(
-    config: Config, embedder: Embedder, data: CategoryData, bank: np.ndarray, skipped: list[str],
+    config: Config,
+    embedder: Embedder,
+    data: CategoryData,
+    bank: np.ndarray,
+    skipped: list[str],
     progress: Progress,
 ) -> dict:
     """Scores of the held-out normal images: the statistics later calibration reads."""
@@ -134,8 +140,7 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None) -
     if not categories:
         raise TilecoreError(f"dataset {root}: no categories found (expected <category>/train/good folders)")
     datasets = [  # load every split first: bad paths fail before any work starts
-        load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed)
-        for c in categories
+        load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed) for c in categories
     ]
     resuming = prepare_run_dir(run_dir, config)
     if config.train.threads:
@@ -146,8 +151,13 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None) -
         embedder, source = create_embedder(config)
         save_embedder(embedder, run_dir)
         update_metadata(
-            run_dir, weights_source=source, random_init=source == "random", seed=config.train.seed,
-            versions=library_versions(), preprocess=embedder.preprocess.to_dict(), map_rule=MAP_RULE,
+            run_dir,
+            weights_source=source,
+            random_init=source == "random",
+            seed=config.train.seed,
+            versions=library_versions(),
+            preprocess=embedder.preprocess.to_dict(),
+            map_rule=MAP_RULE,
         )
     metadata = update_metadata(run_dir, resumed=resuming)
     fit_stats = dict(metadata.get("categories", {}))
@@ -158,11 +168,14 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None) -
             continue
         skipped: list[str] = []
         started = time.perf_counter()
-        atomic_write_json(category_dir / "split.json", {
-            "train": [str(s.image) for s in data.train],
-            "validation": [str(s.image) for s in data.validation],
-            "test": [str(s.image) for s in data.test],
-        })
+        atomic_write_json(
+            category_dir / "split.json",
+            {
+                "train": [str(s.image) for s in data.train],
+                "validation": [str(s.image) for s in data.validation],
+                "test": [str(s.image) for s in data.test],
+            },
+        )
         bank = fit_bank(config, embedder, data, skipped, progress)
         fit_seconds = time.perf_counter() - started
         validation = validation_summary(config, embedder, data, bank, skipped, progress)

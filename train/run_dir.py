@@ -27,8 +27,12 @@ def library_versions() -> dict[str, str]:
     import tilecore
 
     return {
-        "tilecore": tilecore.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "timm": timm.__version__, "numpy": numpy.__version__, "faiss": faiss.__version__,
+        "tilecore": tilecore.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "faiss": faiss.__version__,
     }
 
 

