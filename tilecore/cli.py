@@ -72,14 +72,16 @@ def train(
 ) -> None:
     """Fit one PatchCore memory bank per category; re-running resumes where it stopped."""
     from tilecore.train.config import load_config, validate
-    from tilecore.train.fit import train_run
 
     cfg = load_config(config)
     if data is not None:
         cfg.data.root = str(data)
     if weights is not None:
         cfg.model.weights = str(weights)
+    cfg.data.root = str(Path(cfg.data.root).resolve())  # eval and resume work from any folder
     validate(cfg)
+    from tilecore.train.fit import train_run  # torch loads only once the config is known to be good
+
     with progress_bar() as progress:
         metadata = train_run(cfg, out, progress)
     for name, stats in metadata.get("categories", {}).items():

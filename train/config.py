@@ -83,7 +83,7 @@ def check_value(where: str, default: Any, value: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise TilecoreError(f"config {where}: got {type_name(value)} {value!r}, expected {type_name(default)}")
+        raise TilecoreError(f"{where}: got {type_name(value)} {value!r}, expected {type_name(default)}")
     return value
 
 
@@ -102,7 +102,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         for key, value in values.items():
             if key not in allowed:
                 raise TilecoreError(f"{origin}: unknown key {section}.{key}; allowed: {', '.join(allowed)}")
-            kwargs[key] = check_value(f"{section}.{key}", getattr(defaults, key), value)
+            kwargs[key] = check_value(f"{origin}: {section}.{key}", getattr(defaults, key), value)
             choices = CHOICES.get((section, key))
             if choices and value not in choices:
                 raise TilecoreError(f"{origin}: {section}.{key} = {value!r}; allowed: {', '.join(choices)}")

@@ -16,6 +16,7 @@ from tilecore.runtime.artifacts import atomic_write, atomic_write_json
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.knn import BankScorer
+from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
 from tilecore.train.coreset import approximate_greedy_coreset
 from tilecore.train.data import CategoryData, Sample, list_categories, load_category
@@ -142,6 +143,7 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None) -
     datasets = [  # load every split first: bad paths fail before any work starts
         load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed) for c in categories
     ]
+    resolve_out_indices(config.model.backbone, config.model.layers)  # a bad backbone or layer fails here
     resuming = prepare_run_dir(run_dir, config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

@@ -69,6 +69,8 @@ def prepare_run_dir(run_dir: Path, config: Config) -> bool:
 def load_run_config(run_dir: Path) -> Config:
     if not run_dir.is_dir():
         raise TilecoreError(f"run {run_dir}: folder not found")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise TilecoreError(f"run {run_dir}: not a tilecore run (no {CONFIG_FILE}); run `tilecore train` first")
     return config_from_dict(read_json(run_dir / CONFIG_FILE), f"run config {run_dir / CONFIG_FILE}")
 
 
