@@ -57,3 +57,24 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
         return mask
     resized = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
     return resized > 0
+
+
+def normalise_rgb(image: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """RGB uint8 [H, W, 3] (any size) -> resized, normalised float32 [3, height, width]."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise TilecoreError(f"preprocess: got {image.dtype} {image.shape}, expected uint8 [H, W, 3]")
+    resized = resize_rgb(image, spec.height, spec.width).astype(np.float32) / 255.0
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return ((resized - mean) / std).transpose(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+
+def resize_tiles(tiles: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Normalised tiles [T, 3, th, tw] -> [T, 3, height, width] (area interpolation; identity if equal)."""
+    if tiles.shape[-2:] == (height, width):
+        return tiles
+    out = np.empty((tiles.shape[0], tiles.shape[1], height, width), dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        hwc = cv2.resize(tile.transpose(1, 2, 0), (width, height), interpolation=cv2.INTER_AREA)
+        out[i] = hwc.transpose(2, 0, 1)  # [h, w, 3] -> [3, h, w]
+    return out

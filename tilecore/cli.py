@@ -68,7 +68,8 @@ def train(
     config: Annotated[Path | None, typer.Argument(help="TOML config; omitted: the built-in defaults.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory to create (or resume).")] = Path("runs/default"),
     data: Annotated[Path | None, typer.Option(help="Dataset root, overriding data.root.")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Backbone weights file, overriding model.weights.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Backbone weights file for every member.")] = None,
+    member: Annotated[int | None, typer.Option(help="Train only this member (0-based); combine later.")] = None,
 ) -> None:
     """Fit one PatchCore memory bank per category; re-running resumes where it stopped."""
     from tilecore.train.config import load_config, validate
@@ -77,19 +78,20 @@ def train(
     if data is not None:
         cfg.data.root = str(data)
     if weights is not None:
-        cfg.model.weights = str(weights)
+        for m in cfg.members:
+            m.weights = str(weights)
     cfg.data.root = str(Path(cfg.data.root).resolve())  # eval and resume work from any folder
     validate(cfg)
     from tilecore.train.fit import train_run  # torch loads only once the config is known to be good
 
     with progress_bar() as progress:
-        metadata = train_run(cfg, out, progress)
+        metadata = train_run(cfg, out, progress, member)
     for name, stats in metadata.get("categories", {}).items():
         console.print(
-            f"{name}: bank {stats['bank_size']} x {stats['embedding_dim']}, fit {stats['fit_seconds']:.1f} s, "
-            f"skipped {len(stats['skipped_images'])}"
+            f"{name}: {stats['banks']} bank(s) per member, rows {stats['bank_sizes']}, "
+            f"fit {stats['fit_seconds']:.1f} s, skipped {len(stats['skipped_images'])}"
         )
-    console.print(f"run written to {out} (weights: {metadata.get('weights_source')})")
+    console.print(f"run written to {out} (weights: {metadata.get('weights_sources')})")
 
 
 @app.command("eval")

@@ -1,7 +1,8 @@
 """Run configuration: dataclasses with defaults, loaded from TOML and validated key by key.
 
-The defaults are the embedded main job: the synthetic brick/grass/gravel dataset at 256 px and
-tf_efficientnet_lite0 with its real ImageNet weights.
+The defaults are the embedded main job: the synthetic brick/grass/gravel dataset at 256 px, one untiled
+tf_efficientnet_lite0 member with its real ImageNet weights. A config names its ensemble members as a
+TOML array of tables (`[[members]]`) and its tile grid in `[tiling]`, directly or through a preset.
 """
 
 from __future__ import annotations
@@ -11,12 +12,30 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tilecore.runtime.calibration import FUSION_RULES, THRESHOLD_RULES
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import RULE_NEAREST, RULE_REWEIGHTED
+from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, MergeRule
+
+# The paper's setups (Rolih et al., Table 1 at 512 px), relative to the image size S so that they scale
+# to 1024 and 2048: (tile, stride, backbone input size, stacked) as fractions of S.
+PRESETS = {
+    "SM256": (1.0, 1.0, 0.5, False),  # single model on the image downscaled by 2
+    "SM512": (1.0, 1.0, 1.0, False),  # single model at full resolution
+    "ST4": (0.5, 0.5, 0.5, True),  # 2 x 2 tiles, one bank shared by all tiles
+    "ST9": (0.5, 0.25, 0.5, True),  # 3 x 3 overlapping tiles, one shared bank
+    "ENS4": (0.5, 0.5, 0.5, False),  # 2 x 2 tiles, one bank per tile location
+    "ENS9": (0.5, 0.25, 0.5, False),  # 3 x 3 overlapping tiles, one bank per tile location
+}
 
 CHOICES = {
     ("data", "format"): ("mvtec", "visa"),
-    ("model", "scoring"): (RULE_NEAREST, RULE_REWEIGHTED),
+    ("members", "scoring"): (RULE_NEAREST, RULE_REWEIGHTED),
+    ("tiling", "preset"): ("", *PRESETS),
+    ("tiling", "image_score"): IMAGE_SCORE_RULES,
+    ("tiling", "normalisation"): NORMALISATION_LEVELS,
+    ("fusion", "rule"): FUSION_RULES,
+    ("fusion", "threshold"): THRESHOLD_RULES,
 }
 
 
@@ -25,13 +44,13 @@ class DataConfig:
     root: str = "data/synth256"
     format: str = "mvtec"
     categories: list[str] = field(default_factory=list)  # empty: every category under root
-    image_size: int = 256  # images are resized to image_size x image_size
+    image_size: int = 256  # images are resized to image_size x image_size; maps and metrics live here
     val_fraction: float = 0.1  # normal training images held out for calibration
     split_seed: int = 0
 
 
 @dataclass
-class ModelConfig:
+class MemberConfig:
     backbone: str = "tf_efficientnet_lite0"
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4"])
     pretrained: bool = True
@@ -42,14 +61,36 @@ class ModelConfig:
     coreset_ratio: float = 0.1
     scoring: str = RULE_NEAREST
     num_neighbours: int = 1
-    blur_sigma: float = 4.0
     mean: list[float] = field(default_factory=list)  # empty: the backbone weights' own normalisation
     std: list[float] = field(default_factory=list)
 
 
 @dataclass
+class TilingConfig:
+    preset: str = ""  # one of PRESETS; sets tile_size, stride, input_size and stacked from image_size
+    tile_size: list[int] = field(default_factory=list)  # [h, w]; empty: the whole image is one tile
+    stride: list[int] = field(default_factory=list)  # [h, w]; empty: equal to tile_size
+    input_size: list[int] = field(default_factory=list)  # [h, w] the backbone sees; empty: tile_size
+    stacked: bool = False  # one bank for all tile locations (the paper's ST setups)
+    image_score: str = "mean"  # tile scores -> image score
+    normalisation: str = "image"
+    seam_band: float = 0.1  # seam smoothing band on each side, fraction of the tile size
+    seam_sigma: float = 4.0
+    blur_sigma: float = 4.0  # Gaussian blur of each tile's map (PatchCore's sigma 4)
+
+
+@dataclass
+class FusionConfig:
+    rule: str = "mean"  # how members' normalised scores and maps combine
+    threshold: str = "auto"  # auto: F1 on anomalous validation images if any, else a quantile of normals
+    quantile: float = 0.99
+    pixel_quantile: float = 0.999
+
+
+@dataclass
 class TrainConfig:
-    batch_size: int = 8
+    batch_size: int = 8  # images read and scored together
+    pixels_per_pass: int = 262144  # backbone batch budget in input pixels (4 tiles of 256 x 256)
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
@@ -57,14 +98,20 @@ class TrainConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    members: list[MemberConfig] = field(default_factory=lambda: [MemberConfig()])
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def merge_rule(self) -> MergeRule:
+        t = self.tiling
+        return MergeRule(t.image_score, t.normalisation, self.fusion.rule, t.blur_sigma, t.seam_band, t.seam_sigma)
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+TABLES = {"data": DataConfig, "tiling": TilingConfig, "fusion": FusionConfig, "train": TrainConfig}
 
 
 def type_name(value: Any) -> str:
@@ -87,52 +134,111 @@ def check_value(where: str, default: Any, value: Any) -> Any:
     return value
 
 
+def build_table(cls: type, values: Any, section: str, origin: str) -> Any:
+    if not isinstance(values, dict):
+        raise TilecoreError(f"{origin}: [{section}] must be a table")
+    defaults = cls()
+    allowed = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise TilecoreError(f"{origin}: unknown key {section}.{key}; allowed: {', '.join(allowed)}")
+        kwargs[key] = check_value(f"{origin}: {section}.{key}", getattr(defaults, key), value)
+        choices = CHOICES.get((section, key))
+        if choices and value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise TilecoreError(f"{origin}: {section}.{key} = {value!r}; allowed: {shown}")
+    return cls(**kwargs)
+
+
 def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
-    unknown = sorted(set(raw) - set(SECTIONS))
+    allowed = sorted([*TABLES, "members"])
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise TilecoreError(f"{origin}: unknown section [{unknown[0]}]; allowed: {sorted(SECTIONS)}")
-    built = {}
-    for section, cls in SECTIONS.items():
-        values = raw.get(section, {})
-        if not isinstance(values, dict):
-            raise TilecoreError(f"{origin}: [{section}] must be a table")
-        defaults = cls()
-        allowed = [f.name for f in fields(cls)]
-        kwargs = {}
-        for key, value in values.items():
-            if key not in allowed:
-                raise TilecoreError(f"{origin}: unknown key {section}.{key}; allowed: {', '.join(allowed)}")
-            kwargs[key] = check_value(f"{origin}: {section}.{key}", getattr(defaults, key), value)
-            choices = CHOICES.get((section, key))
-            if choices and value not in choices:
-                raise TilecoreError(f"{origin}: {section}.{key} = {value!r}; allowed: {', '.join(choices)}")
-        built[section] = cls(**kwargs)
-    config = Config(**built)
+        hint = " (members are [[members]] tables)" if unknown[0] == "model" else ""
+        raise TilecoreError(f"{origin}: unknown section [{unknown[0]}]{hint}; allowed: {', '.join(allowed)}")
+    built = {name: build_table(cls, raw.get(name, {}), name, origin) for name, cls in TABLES.items()}
+    members_raw = raw.get("members", [{}])
+    if not isinstance(members_raw, list) or not members_raw:
+        raise TilecoreError(f"{origin}: members must be one or more [[members]] tables")
+    members = [build_table(MemberConfig, m, "members", f"{origin} member {i}") for i, m in enumerate(members_raw)]
+    config = Config(members=members, **built)
     validate(config, origin)
     return config
 
 
+def pair(values: list[int], key: str, origin: str) -> tuple[int, int]:
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2 and all(isinstance(v, int) for v in values):
+        return values[0], values[1]
+    raise TilecoreError(f"{origin}: tiling.{key} = {values!r}; expected [size] or [height, width] in pixels")
+
+
+def tiling_geometry(config: Config) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], bool]:
+    """(tile, stride, backbone input, stacked) in pixels, from the preset or the explicit fields."""
+    s = config.data.image_size
+    t = config.tiling
+    if t.preset:
+        tile, stride, model_input, stacked = PRESETS[t.preset]
+        return (round(tile * s),) * 2, (round(stride * s),) * 2, (round(model_input * s),) * 2, stacked
+    tile = pair(t.tile_size, "tile_size", "config") if t.tile_size else (s, s)
+    stride = pair(t.stride, "stride", "config") if t.stride else tile
+    model_input = pair(t.input_size, "input_size", "config") if t.input_size else tile
+    return tile, stride, model_input, t.stacked
+
+
 def validate(config: Config, origin: str = "config") -> None:
     """Range checks that need no files or models (those come when the run starts)."""
-    d, m, t = config.data, config.model, config.train
+    d, t, f, tr = config.data, config.tiling, config.fusion, config.train
     checks = [
         (d.image_size >= 32, "data.image_size", d.image_size, "an integer >= 32"),
         (0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= value < 1"),
-        (m.patch_size >= 1 and m.patch_size % 2 == 1, "model.patch_size", m.patch_size, "an odd integer >= 1"),
-        (m.pretrain_embed_dimension >= 1, "model.pretrain_embed_dimension", m.pretrain_embed_dimension, ">= 1"),
-        (m.target_embed_dimension >= 1, "model.target_embed_dimension", m.target_embed_dimension, ">= 1"),
-        (0.0 < m.coreset_ratio <= 1.0, "model.coreset_ratio", m.coreset_ratio, "0 < value <= 1"),
-        (m.num_neighbours >= 1, "model.num_neighbours", m.num_neighbours, "an integer >= 1"),
-        (m.blur_sigma >= 0.0, "model.blur_sigma", m.blur_sigma, ">= 0"),
-        (len(m.mean) in (0, 3), "model.mean", m.mean, "empty or three numbers"),
-        (len(m.std) in (0, 3) and all(s > 0 for s in m.std), "model.std", m.std, "empty or three numbers > 0"),
-        (bool(m.layers), "model.layers", m.layers, "one or more layer names"),
-        (t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1"),
-        (t.threads >= 0, "train.threads", t.threads, "an integer >= 0"),
+        (0.0 <= t.seam_band <= 0.5, "tiling.seam_band", t.seam_band, "0 <= value <= 0.5"),
+        (t.seam_sigma >= 0.0, "tiling.seam_sigma", t.seam_sigma, ">= 0"),
+        (t.blur_sigma >= 0.0, "tiling.blur_sigma", t.blur_sigma, ">= 0"),
+        (0.0 < f.quantile <= 1.0, "fusion.quantile", f.quantile, "0 < value <= 1"),
+        (0.0 < f.pixel_quantile <= 1.0, "fusion.pixel_quantile", f.pixel_quantile, "0 < value <= 1"),
+        (tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1"),
+        (tr.pixels_per_pass >= 1, "train.pixels_per_pass", tr.pixels_per_pass, "an integer >= 1"),
+        (tr.threads >= 0, "train.threads", tr.threads, "an integer >= 0"),
+        (
+            not (t.preset and (t.tile_size or t.stride or t.input_size or t.stacked)),
+            "tiling.preset",
+            t.preset,
+            "either a preset or tile_size/stride/input_size/stacked, not both",
+        ),
     ]
+    for i, m in enumerate(config.members):
+        checks += [
+            (m.patch_size >= 1 and m.patch_size % 2 == 1, f"member {i} patch_size", m.patch_size, "an odd integer"),
+            (
+                m.pretrain_embed_dimension >= 1,
+                f"member {i} pretrain_embed_dimension",
+                m.pretrain_embed_dimension,
+                ">= 1",
+            ),
+            (m.target_embed_dimension >= 1, f"member {i} target_embed_dimension", m.target_embed_dimension, ">= 1"),
+            (0.0 < m.coreset_ratio <= 1.0, f"member {i} coreset_ratio", m.coreset_ratio, "0 < value <= 1"),
+            (m.num_neighbours >= 1, f"member {i} num_neighbours", m.num_neighbours, "an integer >= 1"),
+            (len(m.mean) in (0, 3), f"member {i} mean", m.mean, "empty or three numbers"),
+            (
+                len(m.std) in (0, 3) and all(s > 0 for s in m.std),
+                f"member {i} std",
+                m.std,
+                "empty or three numbers > 0",
+            ),
+            (bool(m.layers), f"member {i} layers", m.layers, "one or more layer names"),
+        ]
     for ok, key, value, expected in checks:
         if not ok:
             raise TilecoreError(f"{origin}: {key} = {value!r}; expected {expected}")
+    tile, stride, model_input, _ = tiling_geometry(config)
+    if min(model_input) < 32:
+        raise TilecoreError(f"{origin}: tiling input size {model_input}; expected at least 32 pixels")
+    from tilecore.runtime.tiling import tile_grid
+
+    tile_grid((d.image_size, d.image_size), tile, stride)  # a tile larger than the image or a bad stride fails here
 
 
 def load_config(path: str | Path | None) -> Config:

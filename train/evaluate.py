@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from tilecore.runtime.anomaly_map import batch_to_maps
 from tilecore.runtime.artifacts import atomic_write_json
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_mask
-from tilecore.runtime.knn import BankScorer
 from tilecore.runtime.preprocess import resize_mask
 from tilecore.train.config import Config
 from tilecore.train.data import Sample, list_categories, load_category
-from tilecore.train.fit import load_bank, read_batches
+from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
+from tilecore.train.fit import read_batches
 from tilecore.train.metrics import summarize
-from tilecore.train.model import Embedder, load_embedder
-from tilecore.train.run_dir import BANK_FILE, METRICS_FILE, load_run_config, update_metadata
+from tilecore.train.model import load_embedder
+from tilecore.train.run_dir import METRICS_FILE, load_run_config, update_metadata
 
 log = logging.getLogger("tilecore")
 
@@ -28,7 +27,7 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
 def ground_truth(sample: Sample, image_shape: tuple[int, int], size: int) -> np.ndarray:
-    """The sample's mask at the model's resolution, bool [size, size]; all False for normal images."""
+    """The sample's mask at the working resolution, bool [size, size]; all False for normal images."""
     if sample.label == 0:
         return np.zeros((size, size), dtype=bool)
     if sample.mask is None:
@@ -42,14 +41,8 @@ def ground_truth(sample: Sample, image_shape: tuple[int, int], size: int) -> np.
     return resize_mask(mask, size, size)
 
 
-def score_category(
-    config: Config,
-    embedder: Embedder,
-    scorer: BankScorer,
-    samples: list[Sample],
-    skipped: list[str],
-    progress: Progress,
-    label: str,
+def score_samples(
+    config: Config, model: CategoryModel, samples: list[Sample], skipped: list[str], progress: Progress, label: str
 ) -> tuple[list[Sample], np.ndarray, np.ndarray, np.ndarray]:
     """(kept samples, image scores [N], anomaly maps [N, S, S], masks [N, S, S]) for readable samples."""
     size = config.data.image_size
@@ -58,9 +51,9 @@ def score_category(
     scores, maps, masks = [], [], []
     for batch_samples, images in read_batches(samples, config.train.batch_size, skipped):
         masks.extend(ground_truth(s, im.shape[:2], size) for s, im in zip(batch_samples, images, strict=True))
-        patch_scores, image_scores = scorer.score(embedder.embed(images))  # [b, h, w], [b]
-        maps.append(batch_to_maps(patch_scores, size, size, config.model.blur_sigma))  # [b, S, S]
-        scores.append(image_scores)
+        batch_scores, batch_maps = model.predict(images)  # [b], [b, S, S]
+        scores.append(batch_scores)
+        maps.append(batch_maps)
         kept.extend(batch_samples)
         progress.advance(task, len(batch_samples))
     progress.update(task, completed=len(samples))
@@ -69,49 +62,54 @@ def score_category(
     return kept, np.concatenate(scores), np.concatenate(maps), np.stack(masks)
 
 
+def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Precision, recall and F1 of the calibrated image threshold (set without test data)."""
+    predicted = scores >= threshold
+    tp = int(np.sum(predicted & (labels == 1)))
+    precision = tp / max(int(predicted.sum()), 1)
+    recall = tp / max(int((labels == 1).sum()), 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return {"threshold_precision": precision, "threshold_recall": recall, "threshold_f1": f1}
+
+
 def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
     """Evaluate every trained category of `run_dir`; writes and returns metrics.json's content."""
     progress = progress or Progress(disable=True)
     config = load_run_config(run_dir)
     root = Path(config.data.root)
     categories = config.data.categories or list_categories(root, config.data.format)
-    untrained = [c for c in categories if not (run_dir / c / BANK_FILE).is_file()]
+    untrained = [c for c in categories if not (run_dir / c / CALIBRATION_FILE).is_file()]
     if untrained:
         raise TilecoreError(f"run {run_dir}: categories {untrained} not trained; run `tilecore train` first")
-    embedder = load_embedder(config, run_dir)
+    embedders = [load_embedder(config, run_dir, i) for i in range(len(config.members))]
     results: dict[str, dict] = {}
     skipped_all: dict[str, list[str]] = {}
     for category in categories:
         data = load_category(root, category, config.data.format, config.data.val_fraction, config.data.split_seed)
         if not data.test:
             raise TilecoreError(f"dataset {root} category {category}: no test images")
-        scorer = BankScorer.from_bank(
-            load_bank(run_dir / category / BANK_FILE), config.model.scoring, config.model.num_neighbours
-        )
+        model = load_category_model(config, run_dir, category, embedders)
         skipped: list[str] = []
         started = time.perf_counter()
-        kept, scores, maps, masks = score_category(
-            config, embedder, scorer, data.test, skipped, progress, f"{category}: evaluation"
-        )
+        kept, scores, maps, masks = score_samples(config, model, data.test, skipped, progress, f"{category}: eval")
         labels = np.array([s.label for s in kept])
         metrics = summarize(labels, scores, masks, maps)
+        metrics.update(threshold_metrics(labels, scores, model.thresholds["image"]))
         metrics["test_images"] = len(kept)
         metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
         results[category] = metrics
         skipped_all[category] = skipped
-        atomic_write_json(
-            run_dir / category / "test_scores.json",
-            [
-                {
-                    "image": str(s.image),
-                    "label": s.label,
-                    "defect": s.defect,
-                    "score": float(v),
-                    "defect_pixels": int(m.sum()),
-                }
-                for s, v, m in zip(kept, scores, masks, strict=True)
-            ],
-        )
+        per_image = [
+            {
+                "image": str(s.image),
+                "label": s.label,
+                "defect": s.defect,
+                "score": float(v),
+                "defect_pixels": int(m.sum()),
+            }
+            for s, v, m in zip(kept, scores, masks, strict=True)
+        ]
+        atomic_write_json(run_dir / category / "test_scores.json", per_image)
     mean = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
     report = {"categories": results, "mean": mean}
     atomic_write_json(run_dir / METRICS_FILE, report)

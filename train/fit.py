@@ -1,4 +1,10 @@
-"""`tilecore train`: one PatchCore memory bank per dataset category, resumable category by category."""
+"""`tilecore train`: memory banks per (category, member, tile location), then calibration per category.
+
+Every bank is written atomically as soon as it is finished, so an interrupted run loses at most the bank
+in progress; re-running the same command skips finished banks and ends with the same files. Training
+memory stays at one tile location's level: the images are re-read for each location, and only that
+location's tiles are embedded and kept.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +17,26 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from tilecore.runtime.anomaly_map import MAP_RULE, batch_to_maps
-from tilecore.runtime.artifacts import atomic_write, atomic_write_json
+from tilecore.runtime.anomaly_map import MAP_RULE
+from tilecore.runtime.artifacts import atomic_write_json
+from tilecore.runtime.calibration import MIN_CALIBRATION_IMAGES, NormalStats, calibrate_threshold, quantile_threshold
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.knn import BankScorer
+from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, merge_tiles
 from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
 from tilecore.train.coreset import approximate_greedy_coreset
 from tilecore.train.data import CategoryData, Sample, list_categories, load_category
-from tilecore.train.model import EMBEDDER_FILE, Embedder, create_embedder, load_embedder, save_embedder
-from tilecore.train.run_dir import (
-    BANK_FILE,
-    library_versions,
-    peak_rss_mb,
-    prepare_run_dir,
-    update_metadata,
+from tilecore.train.ensemble import (
+    CALIBRATION_FILE,
+    CategoryModel,
+    bank_groups,
+    bank_path,
+    load_category_model,
+    save_bank,
 )
+from tilecore.train.model import Embedder, create_embedder, embedder_path, grid_for, load_embedder, save_embedder
+from tilecore.train.run_dir import library_versions, peak_rss_mb, prepare_run_dir, read_metadata, update_metadata
 
 log = logging.getLogger("tilecore")
 
@@ -41,8 +50,9 @@ def read_batches(
         try:
             batch.append((sample, read_rgb(sample.image)))
         except TilecoreError as exc:
-            log.warning("skipped: %s", exc)
-            skipped.append(str(sample.image))
+            if str(sample.image) not in skipped:
+                log.warning("skipped: %s", exc)
+                skipped.append(str(sample.image))
             continue
         if len(batch) == batch_size:
             yield [s for s, _ in batch], [im for _, im in batch]
@@ -51,146 +61,198 @@ def read_batches(
         yield [s for s, _ in batch], [im for _, im in batch]
 
 
-def embed_samples(
-    embedder: Embedder, samples: list[Sample], batch_size: int, skipped: list[str], progress: Progress, label: str
-) -> tuple[list[Sample], np.ndarray]:
-    """Embed every readable sample: (the samples kept, embeddings [N, h, w, D])."""
-    task = progress.add_task(label, total=len(samples))
-    kept, chunks = [], []
-    for batch_samples, images in read_batches(samples, batch_size, skipped):
-        chunks.append(embedder.embed(images))  # [b, h, w, D]
-        kept.extend(batch_samples)
+def fit_bank(
+    config: Config,
+    member: int,
+    embedder: Embedder,
+    samples: list[Sample],
+    locations: list[int],
+    skipped: list[str],
+    progress: Progress,
+    label: str,
+) -> np.ndarray:
+    """Memory bank [n, D]: embeddings of the given tile locations of the samples, coreset-subsampled."""
+    task = progress.add_task(f"{label}: features", total=len(samples))
+    chunks = []
+    for batch_samples, images in read_batches(samples, config.train.batch_size, skipped):
+        embeddings = embedder.embed(images, locations)  # [b, T', h, w, D]
+        chunks.append(embeddings.reshape(-1, embeddings.shape[-1]))  # [b*T'*h*w, D]
         progress.advance(task, len(batch_samples))
     progress.update(task, completed=len(samples))
     if not chunks:
-        return kept, np.zeros((0,), dtype=np.float32)
-    return kept, np.concatenate(chunks)
-
-
-def fit_bank(
-    config: Config, embedder: Embedder, data: CategoryData, skipped: list[str], progress: Progress
-) -> np.ndarray:
-    """Memory bank [n, D] of one category: embeddings of its training normals, coreset-subsampled."""
-    kept, embeddings = embed_samples(
-        embedder, data.train, config.train.batch_size, skipped, progress, f"{data.name}: features"
-    )
-    if not kept:
-        raise TilecoreError(f"category {data.name}: no readable training images")
-    features = torch.from_numpy(embeddings.reshape(-1, embeddings.shape[-1]))  # [N*h*w, D]
-    task = progress.add_task(f"{data.name}: coreset", total=1)
+        raise TilecoreError(f"{label}: no readable training images")
+    features = torch.from_numpy(np.concatenate(chunks))  # [N, D]
+    del chunks
+    task = progress.add_task(f"{label}: coreset", total=1)
     indices = approximate_greedy_coreset(
         features,
-        config.model.coreset_ratio,
-        config.train.seed,
+        config.members[member].coreset_ratio,
+        seed=config.train.seed + 1000 * member + locations[0],  # distinct, reproducible per bank
         on_progress=lambda done, total: progress.update(task, completed=done, total=total),
     )
     return np.ascontiguousarray(features.numpy()[np.sort(indices)])
 
 
-def validation_summary(
-    config: Config,
-    embedder: Embedder,
-    data: CategoryData,
-    bank: np.ndarray,
-    skipped: list[str],
-    progress: Progress,
-) -> dict:
-    """Scores of the held-out normal images: the statistics later calibration reads."""
-    if not data.validation:
-        return {"count": 0}
-    kept, embeddings = embed_samples(
-        embedder, data.validation, config.train.batch_size, skipped, progress, f"{data.name}: validation"
-    )
-    if not kept:
-        return {"count": 0}
-    scorer = BankScorer.from_bank(bank, config.model.scoring, config.model.num_neighbours)
-    patch_scores, image_scores = scorer.score(embeddings)
-    size = config.data.image_size
-    maps = batch_to_maps(patch_scores, size, size, config.model.blur_sigma)
+def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], progress: Progress) -> dict:
+    """Normalisation statistics and thresholds from the held-out normal images; nothing from the test split."""
+    config = model.config
+    task = progress.add_task(f"{data.name}: calibration", total=len(data.validation))
+    per_member: list[list[TileOutputs]] = [[] for _ in config.members]
+    for batch_samples, images in read_batches(data.validation, config.train.batch_size, skipped):
+        for i, outputs in enumerate(model.raw_outputs(images)):
+            per_member[i].append(outputs)
+        progress.advance(task, len(batch_samples))
+    count = sum(len(o.scores) for o in per_member[0])
+    if count < MIN_CALIBRATION_IMAGES:
+        raise TilecoreError(
+            f"category {data.name}: {count} readable validation images, calibration needs {MIN_CALIBRATION_IMAGES}"
+        )
+    rule = config.merge_rule()
+    raw = [
+        TileOutputs(np.concatenate([o.scores for o in outs]), np.concatenate([o.maps for o in outs]))
+        for outs in per_member
+    ]
+    calibrations = []
+    for outputs in raw:
+        per_location = [NormalStats.measure(outputs.scores[:, t], outputs.maps[:, t]) for t in range(model.grid.count)]
+        image_scores, image_maps = merge_tiles(outputs, model.grid, rule)
+        calibrations.append(MemberCalibration(per_location, NormalStats.measure(image_scores, image_maps)))
+    fused_scores, fused_maps = ensemble_result(raw, model.grid, rule, calibrations)
+    labels = np.zeros(count, dtype=bool)  # the validation split holds normal images only
+    threshold, how = calibrate_threshold(labels, fused_scores, config.fusion.threshold, config.fusion.quantile)
     return {
-        "count": len(kept),
-        "images": [str(s.image) for s in kept],
-        "image_scores": image_scores.tolist(),
-        "image_score_mean": float(image_scores.mean()),
-        "image_score_std": float(image_scores.std()),
-        "pixel_score_mean": float(maps.mean()),
-        "pixel_score_std": float(maps.std()),
-        "pixel_score_max": float(maps.max()),
+        "validation_images": count,
+        "members": [c.to_dict() for c in calibrations],
+        "thresholds": {
+            "image": threshold,
+            "image_rule": how,
+            "pixel": quantile_threshold(fused_maps.ravel(), config.fusion.pixel_quantile),
+            "pixel_rule": f"quantile {config.fusion.pixel_quantile}",
+        },
+        "validation_fused_scores": fused_scores.tolist(),
     }
 
 
-def save_bank(path: Path, bank: np.ndarray) -> None:
-    from safetensors.numpy import save_file
+def check_before_work(config: Config, datasets: list[CategoryData]) -> None:
+    """Everything that can be checked without a model: fail before the first minute of work is spent."""
+    for i, member in enumerate(config.members):
+        try:
+            resolve_out_indices(member.backbone, member.layers)
+        except TilecoreError as exc:
+            raise TilecoreError(f"member {i}: {exc}") from None
+    for data in datasets:
+        if len(data.validation) < MIN_CALIBRATION_IMAGES:
+            raise TilecoreError(
+                f"category {data.name}: {len(data.validation)} validation images, calibration needs "
+                f"{MIN_CALIBRATION_IMAGES}; raise data.val_fraction or add normal training images"
+            )
 
-    atomic_write(path, lambda tmp: save_file({"bank": bank.astype(np.float32)}, str(tmp)))
+
+def member_embedders(config: Config, run_dir: Path, indices: list[int]) -> dict[int, Embedder]:
+    """Load each member's saved embedder, creating (and saving) it on first use."""
+    embedders = {}
+    sources = {}
+    for i in indices:
+        if embedder_path(run_dir, i).is_file():
+            embedders[i] = load_embedder(config, run_dir, i)
+            continue
+        embedders[i], sources[i] = create_embedder(config, i)
+        save_embedder(embedders[i], run_dir, i)
+    if sources:
+        known = read_metadata(run_dir).get("weights_sources", {})
+        known.update({str(i): s for i, s in sources.items()})
+        update_metadata(run_dir, weights_sources=known, random_init=any(s == "random" for s in known.values()))
+    return embedders
 
 
-def load_bank(path: Path) -> np.ndarray:
-    from safetensors.numpy import load_file
-
-    if not path.is_file():
-        raise TilecoreError(f"memory bank {path}: file not found; run `tilecore train` first")
-    return load_file(str(path))["bank"]
-
-
-def train_run(config: Config, run_dir: Path, progress: Progress | None = None) -> dict:
-    """Train every category of the config's dataset into `run_dir`; returns the run's metadata."""
+def train_run(config: Config, run_dir: Path, progress: Progress | None = None, member: int | None = None) -> dict:
+    """Train every category into `run_dir` (only member `member` when given); returns the run's metadata."""
     progress = progress or Progress(disable=True)
+    if member is not None and not 0 <= member < len(config.members):
+        raise TilecoreError(f"--member {member}: expected 0..{len(config.members) - 1}")
     root = Path(config.data.root)
     categories = config.data.categories or list_categories(root, config.data.format)
     if not categories:
         raise TilecoreError(f"dataset {root}: no categories found (expected <category>/train/good folders)")
-    datasets = [  # load every split first: bad paths fail before any work starts
+    datasets = [
         load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed) for c in categories
     ]
-    resolve_out_indices(config.model.backbone, config.model.layers)  # a bad backbone or layer fails here
+    check_before_work(config, datasets)
     resuming = prepare_run_dir(run_dir, config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    if (run_dir / EMBEDDER_FILE).is_file():
-        embedder = load_embedder(config, run_dir)
-    else:
-        embedder, source = create_embedder(config)
-        save_embedder(embedder, run_dir)
-        update_metadata(
-            run_dir,
-            weights_source=source,
-            random_init=source == "random",
-            seed=config.train.seed,
-            versions=library_versions(),
-            preprocess=embedder.preprocess.to_dict(),
-            map_rule=MAP_RULE,
-        )
-    metadata = update_metadata(run_dir, resumed=resuming)
-    fit_stats = dict(metadata.get("categories", {}))
+    grid, model_input, stacked = grid_for(config)
+    update_metadata(
+        run_dir,
+        seed=config.train.seed,
+        versions=library_versions(),
+        map_rule=MAP_RULE,
+        resumed=resuming,
+        tiling={**grid.to_dict(), "backbone_input": list(model_input), "stacked": stacked},
+    )
+    indices = [member] if member is not None else list(range(len(config.members)))
+    embedders = member_embedders(config, run_dir, indices)
     for data in datasets:
-        category_dir = run_dir / data.name
-        if (category_dir / BANK_FILE).is_file() and data.name in fit_stats:
-            log.info("%s: bank already trained, skipping", data.name)
-            continue
         skipped: list[str] = []
         started = time.perf_counter()
         atomic_write_json(
-            category_dir / "split.json",
+            run_dir / data.name / "split.json",
             {
                 "train": [str(s.image) for s in data.train],
                 "validation": [str(s.image) for s in data.validation],
                 "test": [str(s.image) for s in data.test],
             },
         )
-        bank = fit_bank(config, embedder, data, skipped, progress)
+        banks_trained = 0
+        for i in indices:
+            for suffix, locations in bank_groups(grid, stacked):
+                path = bank_path(run_dir, data.name, i, suffix)
+                if path.is_file():
+                    log.info("%s m%d %s: bank already trained, skipping", data.name, i, suffix)
+                    continue
+                label = f"{data.name} m{i} {suffix}"
+                bank = fit_bank(config, i, embedders[i], data.train, locations, skipped, progress, label)
+                save_bank(path, bank)
+                banks_trained += 1
         fit_seconds = time.perf_counter() - started
-        validation = validation_summary(config, embedder, data, bank, skipped, progress)
-        atomic_write_json(category_dir / "validation.json", validation)
-        save_bank(category_dir / BANK_FILE, bank)  # written last: its presence marks the category done
-        fit_stats[data.name] = {
-            "train_images": len(data.train) - len([p for p in skipped if p in {str(s.image) for s in data.train}]),
-            "validation_images": validation["count"],
-            "bank_size": int(bank.shape[0]),
-            "embedding_dim": int(bank.shape[1]),
+        all_banks = all(p.is_file() for p in all_bank_paths(run_dir, data.name, config))
+        calibration_path = run_dir / data.name / CALIBRATION_FILE
+        if not all_banks:
+            log.info("%s: other members' banks missing; calibration waits for them", data.name)
+            continue
+        if calibration_path.is_file() and banks_trained == 0:
+            log.info("%s: already calibrated, skipping", data.name)
+            continue
+        missing = [j for j in range(len(config.members)) if j not in embedders]
+        embedders.update(member_embedders(config, run_dir, missing))
+        everyone = [embedders[j] for j in range(len(config.members))]
+        model = load_category_model(config, run_dir, data.name, everyone, calibrated=False)
+        calibration = calibrate(model, data, skipped, progress)
+        atomic_write_json(calibration_path, calibration)
+        stats = read_metadata(run_dir).get("categories", {})
+        train_skipped = {str(s.image) for s in data.train} & set(skipped)
+        stats[data.name] = {
+            "train_images": len(data.train) - len(train_skipped),
+            "validation_images": calibration["validation_images"],
+            "banks": grid.count if not stacked else 1,
+            "bank_sizes": [bank_rows(p) for p in all_bank_paths(run_dir, data.name, config)],
             "fit_seconds": round(fit_seconds, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "skipped_images": skipped,
+            "threshold": calibration["thresholds"]["image"],
         }
-        metadata = update_metadata(run_dir, categories=fit_stats)
-    return metadata
+        update_metadata(run_dir, categories=stats)
+    return read_metadata(run_dir)
+
+
+def all_bank_paths(run_dir: Path, category: str, config: Config) -> list[Path]:
+    grid, _, stacked = grid_for(config)
+    groups = bank_groups(grid, stacked)
+    return [bank_path(run_dir, category, i, suffix) for i in range(len(config.members)) for suffix, _ in groups]
+
+
+def bank_rows(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return int(f.get_slice("bank").get_shape()[0])

@@ -1,4 +1,4 @@
-"""Building, saving and loading a run's embedder: backbone + PatchCore head, plus its preprocessing."""
+"""A member's embedder (backbone + PatchCore head + preprocessing + tiling), built, saved and loaded."""
 
 from __future__ import annotations
 
@@ -10,66 +10,97 @@ import torch
 
 from tilecore.runtime.artifacts import atomic_write
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.preprocess import Preprocess, preprocess_batch
+from tilecore.runtime.preprocess import Preprocess, normalise_rgb, resize_tiles
+from tilecore.runtime.tiling import TileGrid, cut_tiles, tile_grid
 from tilecore.train.backbones import create_feature_extractor, default_mean_std, feature_channels
-from tilecore.train.config import Config
+from tilecore.train.config import Config, MemberConfig, tiling_geometry
 from tilecore.train.patchcore import PatchEmbedder
 from tilecore.train.weights import resolve_weights
 
-EMBEDDER_FILE = "embedder.safetensors"
+MEMBERS_DIR = "members"
 
 
 @dataclass
 class Embedder:
     net: PatchEmbedder
-    preprocess: Preprocess
+    preprocess: Preprocess  # RGB -> normalised image at the working resolution
+    grid: TileGrid
+    input_hw: tuple[int, int]  # each tile is resized to this before the backbone
+    pixels_per_pass: int = 4 * 256 * 256  # backbone batch budget; CPUs slow down sharply past a few tiles
+
+    def tiles(self, image: np.ndarray, locations: list[int] | None = None) -> np.ndarray:
+        """RGB uint8 [H, W, 3] -> backbone inputs [T', 3, in_h, in_w] for the chosen tile locations."""
+        tiles = cut_tiles(normalise_rgb(image, self.preprocess), self.grid)  # [T, 3, th, tw]
+        if locations is not None:
+            tiles = tiles[locations]
+        return resize_tiles(tiles, *self.input_hw)
 
     @torch.inference_mode()
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """RGB uint8 images [H, W, 3] -> patch embeddings [B, h, w, D] float32."""
-        batch = torch.from_numpy(preprocess_batch(images, self.preprocess))  # [B, 3, S, S]
-        return self.net(batch).numpy()
+    def embed(self, images: list[np.ndarray], locations: list[int] | None = None) -> np.ndarray:
+        """RGB uint8 images -> patch embeddings [B, T', h, w, D] float32 (T' = chosen tile locations)."""
+        batch = np.stack([self.tiles(image, locations) for image in images])  # [B, T', 3, in_h, in_w]
+        b, t = batch.shape[:2]
+        flat = torch.from_numpy(batch.reshape(b * t, *batch.shape[2:]))  # [B*T', 3, in_h, in_w]
+        per_pass = max(1, self.pixels_per_pass // (self.input_hw[0] * self.input_hw[1]))
+        embeddings = torch.cat([self.net(chunk) for chunk in flat.split(per_pass)])  # [B*T', h, w, D]
+        return embeddings.numpy().reshape(b, t, *embeddings.shape[1:])
 
 
-def preprocess_for(config: Config) -> Preprocess:
-    mean, std = default_mean_std(config.model.backbone)
+def grid_for(config: Config) -> tuple[TileGrid, tuple[int, int], bool]:
     size = config.data.image_size
-    return Preprocess(size, size, tuple(config.model.mean or mean), tuple(config.model.std or std))
+    tile, stride, model_input, stacked = tiling_geometry(config)
+    return tile_grid((size, size), tile, stride), model_input, stacked
 
 
-def build_net(config: Config, state_dict: dict[str, torch.Tensor] | None) -> PatchEmbedder:
-    m = config.model
-    features = create_feature_extractor(m.backbone, m.layers, state_dict)
-    return PatchEmbedder(
-        features, feature_channels(features), m.patch_size, m.pretrain_embed_dimension, m.target_embed_dimension
-    ).eval()
+def preprocess_for(config: Config, member: MemberConfig) -> Preprocess:
+    mean, std = default_mean_std(member.backbone)
+    size = config.data.image_size
+    return Preprocess(size, size, tuple(member.mean or mean), tuple(member.std or std))
 
 
-def create_embedder(config: Config) -> tuple[Embedder, str]:
-    """A fresh embedder with weights resolved from the config; returns it and the weights' source."""
-    resolved = resolve_weights(config.model.backbone, config.model.weights, config.model.pretrained)
+def build_net(member: MemberConfig, state_dict: dict[str, torch.Tensor] | None) -> PatchEmbedder:
+    features = create_feature_extractor(member.backbone, member.layers, state_dict)
+    channels = feature_channels(features)
+    head = (member.patch_size, member.pretrain_embed_dimension, member.target_embed_dimension)
+    return PatchEmbedder(features, channels, *head).eval()
+
+
+def embedder_path(run_dir: Path, index: int) -> Path:
+    return run_dir / MEMBERS_DIR / f"m{index}.safetensors"
+
+
+def wrap(config: Config, member: MemberConfig, net: PatchEmbedder) -> Embedder:
+    grid, model_input, _ = grid_for(config)
+    return Embedder(net, preprocess_for(config, member), grid, model_input, config.train.pixels_per_pass)
+
+
+def create_embedder(config: Config, index: int) -> tuple[Embedder, str]:
+    """A fresh embedder for member `index`, with weights resolved from the config, and their source."""
+    member = config.members[index]
+    resolved = resolve_weights(member.backbone, member.weights, member.pretrained)
     if resolved.state_dict is None:
-        torch.manual_seed(config.train.seed)  # random init is reproducible from the seed
-    return Embedder(build_net(config, resolved.state_dict), preprocess_for(config)), resolved.source
+        torch.manual_seed(config.train.seed + index)  # random init is reproducible from the seed
+    return wrap(config, member, build_net(member, resolved.state_dict)), resolved.source
 
 
-def save_embedder(embedder: Embedder, run_dir: Path) -> None:
+def save_embedder(embedder: Embedder, run_dir: Path, index: int) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in embedder.net.state_dict().items()}
-    atomic_write(run_dir / EMBEDDER_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(embedder_path(run_dir, index), lambda tmp: save_file(state, str(tmp)))
 
 
-def load_embedder(config: Config, run_dir: Path) -> Embedder:
-    """The exact embedder a run trained with (its weights file, never a fresh download)."""
+def load_embedder(config: Config, run_dir: Path, index: int) -> Embedder:
+    """The exact embedder a run trained member `index` with (its weights file, never a fresh download)."""
     from safetensors.torch import load_file
 
-    path = run_dir / EMBEDDER_FILE
+    path = embedder_path(run_dir, index)
     if not path.is_file():
-        raise TilecoreError(f"run {run_dir}: {EMBEDDER_FILE} missing; run `tilecore train` first")
-    net = build_net(config, None)
+        raise TilecoreError(f"run {run_dir}: {path.relative_to(run_dir)} missing; run `tilecore train` first")
+    member = config.members[index]
+    net = build_net(member, None)
     try:
         net.load_state_dict(load_file(str(path)))
     except Exception as exc:  # noqa: BLE001
-        raise TilecoreError(f"run {run_dir}: {EMBEDDER_FILE} does not match the run's config ({exc})") from None
-    return Embedder(net.eval(), preprocess_for(config))
+        raise TilecoreError(f"run {run_dir}: {path.name} does not match the run's config ({exc})") from None
+    return wrap(config, member, net.eval())

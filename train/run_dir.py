@@ -15,7 +15,6 @@ from tilecore.train.config import Config, config_from_dict
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
-BANK_FILE = "bank.safetensors"
 
 
 def library_versions() -> dict[str, str]:
@@ -74,9 +73,14 @@ def load_run_config(run_dir: Path) -> Config:
     return config_from_dict(read_json(run_dir / CONFIG_FILE), f"run config {run_dir / CONFIG_FILE}")
 
 
+def read_metadata(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / METADATA_FILE
+    return read_json(path) if path.is_file() else {}
+
+
 def update_metadata(run_dir: Path, **entries: Any) -> dict[str, Any]:
     path = run_dir / METADATA_FILE
-    metadata = read_json(path) if path.is_file() else {}
+    metadata = read_metadata(run_dir)
     metadata.update(entries)
     atomic_write_json(path, metadata)
     return metadata

@@ -1,0 +1,123 @@
+"""From one model's per-tile outputs to image outputs, and from members' outputs to the ensemble's.
+
+Per tile location: patch scores [h, w] -> tile map [th, tw] (bilinear upsampling + blur, as a single
+PatchCore model does) and tile score (max patch score). Per image: tile maps are untiled by pixel averaging
+and the seams smoothed; the image score is the mean (the paper's default) or the max of the tile scores.
+Normalisation happens per tile location before merging ("tile") or per member after it ("image").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tilecore.runtime.anomaly_map import patch_scores_to_map
+from tilecore.runtime.calibration import FUSION_RULES, NormalStats, fuse, normalise_outputs
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.tiling import TileGrid, smooth_seams, untile_mean
+
+IMAGE_SCORE_RULES = ("mean", "max")
+NORMALISATION_LEVELS = ("image", "tile")
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    image_score: str = "mean"  # how tile scores become the image score
+    normalisation: str = "image"  # where member outputs are normalised: per tile location or per image
+    fusion: str = "mean"  # how members' normalised outputs are combined
+    blur_sigma: float = 4.0  # per-tile map blur
+    seam_band: float = 0.1  # seam band half-width, as a fraction of the tile size
+    seam_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.image_score not in IMAGE_SCORE_RULES:
+            raise TilecoreError(f"image_score {self.image_score!r}: expected one of {', '.join(IMAGE_SCORE_RULES)}")
+        if self.fusion not in FUSION_RULES:
+            raise TilecoreError(f"fusion {self.fusion!r}: expected one of {', '.join(FUSION_RULES)}")
+        if self.normalisation not in NORMALISATION_LEVELS:
+            raise TilecoreError(
+                f"normalisation {self.normalisation!r}: expected one of {', '.join(NORMALISATION_LEVELS)}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TileOutputs:
+    """Raw outputs of one model for a batch: scores [B, T] and maps [B, T, th, tw]."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+
+
+def tile_outputs(patch_scores: np.ndarray, tile_scores: np.ndarray, grid: TileGrid, sigma: float) -> TileOutputs:
+    """patch_scores [B, T, h, w], tile_scores [B, T] -> TileOutputs with maps at tile size."""
+    b, t = tile_scores.shape
+    maps = np.empty((b, t, grid.tile_h, grid.tile_w), dtype=np.float32)
+    for i in range(b):
+        for j in range(t):
+            maps[i, j] = patch_scores_to_map(patch_scores[i, j], grid.tile_h, grid.tile_w, sigma)
+    return TileOutputs(tile_scores.astype(np.float32), maps)
+
+
+def merge_tiles(outputs: TileOutputs, grid: TileGrid, rule: MergeRule) -> tuple[np.ndarray, np.ndarray]:
+    """TileOutputs -> (image scores [B], image maps [B, H, W])."""
+    if grid.count == 1:
+        return outputs.scores[:, 0], outputs.maps[:, 0, : grid.image_h, : grid.image_w]
+    reduce = np.mean if rule.image_score == "mean" else np.max
+    scores = reduce(outputs.scores, axis=1).astype(np.float32)
+    maps = np.stack(
+        [
+            smooth_seams(untile_mean(tile_maps, grid), grid, rule.seam_band, rule.seam_sigma)
+            for tile_maps in outputs.maps
+        ]
+    )
+    return scores, maps
+
+
+def normalise_tiles(outputs: TileOutputs, per_location: list[NormalStats], fusion: str) -> TileOutputs:
+    """Normalise each tile location's scores and maps with that location's validation statistics."""
+    if len(per_location) != outputs.scores.shape[1]:
+        raise TilecoreError(
+            f"calibration: statistics for {len(per_location)} tile locations, the grid has {outputs.scores.shape[1]}"
+        )
+    scores = np.empty_like(outputs.scores)
+    maps = np.empty_like(outputs.maps)
+    for j, stats in enumerate(per_location):
+        scores[:, j], maps[:, j] = normalise_outputs(outputs.scores[:, j], outputs.maps[:, j], stats, fusion)
+    return TileOutputs(scores, maps)
+
+
+@dataclass
+class MemberCalibration:
+    """One member's validation statistics: per tile location and for the merged image."""
+
+    per_location: list[NormalStats]
+    image: NormalStats
+
+    def to_dict(self) -> dict:
+        return {"per_location": [s.to_dict() for s in self.per_location], "image": self.image.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> MemberCalibration:
+        return cls([NormalStats.from_dict(s) for s in raw["per_location"]], NormalStats.from_dict(raw["image"]))
+
+
+def member_result(
+    outputs: TileOutputs, grid: TileGrid, rule: MergeRule, calibration: MemberCalibration
+) -> tuple[np.ndarray, np.ndarray]:
+    """One member's normalised (image scores [B], maps [B, H, W]) at the configured level."""
+    if rule.normalisation == "tile":
+        return merge_tiles(normalise_tiles(outputs, calibration.per_location, rule.fusion), grid, rule)
+    scores, maps = merge_tiles(outputs, grid, rule)
+    return normalise_outputs(scores, maps, calibration.image, rule.fusion)
+
+
+def ensemble_result(
+    members: list[TileOutputs], grid: TileGrid, rule: MergeRule, calibrations: list[MemberCalibration]
+) -> tuple[np.ndarray, np.ndarray]:
+    """All members' raw tile outputs -> fused (image scores [B], maps [B, H, W])."""
+    results = [member_result(o, grid, rule, c) for o, c in zip(members, calibrations, strict=True)]
+    return fuse([r[0] for r in results], rule.fusion), fuse([r[1] for r in results], rule.fusion)
