@@ -57,6 +57,8 @@ def prepare_run_dir(run_dir: Path, config: Config) -> bool:
             raise TilecoreError(
                 f"run {run_dir}: holds a run with a different config; choose another --out or delete it"
             )
+        for leftover in run_dir.rglob(".*.tmp"):  # half-written files of a killed run
+            leftover.unlink()
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise TilecoreError(f"run {run_dir}: folder exists and is not a tilecore run; choose another --out")
