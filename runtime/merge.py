@@ -62,6 +62,14 @@ def tile_outputs(patch_scores: np.ndarray, tile_scores: np.ndarray, grid: TileGr
     return TileOutputs(tile_scores.astype(np.float32), maps)
 
 
+def score_tiles(embeddings: np.ndarray, scorers: list, grid: TileGrid, sigma: float) -> TileOutputs:
+    """One member's patch embeddings [B, T, h, w, D] -> raw TileOutputs, each tile against its own bank."""
+    per_tile = [scorer.score(embeddings[:, t]) for t, scorer in enumerate(scorers)]
+    patch_scores = np.stack([p for p, _ in per_tile], axis=1)  # [B, T, h, w]
+    tile_scores = np.stack([s for _, s in per_tile], axis=1)  # [B, T]
+    return tile_outputs(patch_scores, tile_scores, grid, sigma)
+
+
 def merge_tiles(outputs: TileOutputs, grid: TileGrid, rule: MergeRule) -> tuple[np.ndarray, np.ndarray]:
     """TileOutputs -> (image scores [B], image maps [B, H, W])."""
     if grid.count == 1:

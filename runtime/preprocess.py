@@ -40,15 +40,7 @@ def preprocess_batch(images: list[np.ndarray], spec: Preprocess) -> np.ndarray:
     """RGB uint8 images [H, W, 3] (any size) -> normalised float32 batch [B, 3, height, width]."""
     if not images:
         raise TilecoreError("preprocess: empty batch, expected at least one image")
-    batch = np.empty((len(images), 3, spec.height, spec.width), dtype=np.float32)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    for i, image in enumerate(images):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise TilecoreError(f"preprocess: got {image.dtype} {image.shape}, expected uint8 [H, W, 3]")
-        resized = resize_rgb(image, spec.height, spec.width).astype(np.float32) / 255.0
-        batch[i] = ((resized - mean) / std).transpose(2, 0, 1)  # [H, W, 3] -> [3, H, W]
-    return batch
+    return np.stack([normalise_rgb(image, spec) for image in images])
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -78,3 +70,11 @@ def resize_tiles(tiles: np.ndarray, height: int, width: int) -> np.ndarray:
         hwc = cv2.resize(tile.transpose(1, 2, 0), (width, height), interpolation=cv2.INTER_AREA)
         out[i] = hwc.transpose(2, 0, 1)  # [h, w, 3] -> [3, h, w]
     return out
+
+
+def image_to_tiles(image: np.ndarray, spec: Preprocess, grid, input_hw: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> backbone inputs [T, 3, in_h, in_w]: resize, normalise, tile, resize tiles."""
+    from tilecore.runtime.tiling import cut_tiles
+
+    tiles = cut_tiles(normalise_rgb(image, spec), grid)  # [3, S, S] -> [T, 3, th, tw]
+    return resize_tiles(tiles, *input_hw)

@@ -1,4 +1,4 @@
-"""The `tilecore` command line: data synth, train, eval.
+"""The `tilecore` command line: data synth, train, eval, export, run.
 
 User mistakes (TilecoreError) print one line and exit with status 2; heavy libraries are imported
 inside the commands so `tilecore --help` stays fast and runtime-only installs keep working.
@@ -111,6 +111,54 @@ def evaluate(run: Annotated[Path, typer.Argument(help="Run directory written by 
     for name, metrics in rows:
         table.add_row(name, *(f"{metrics[k]:.4f}" for k in METRIC_KEYS))
     Console().print(table)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `tilecore train`.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("bundle"),
+    category: Annotated[str | None, typer.Option(help="Category to export (needed when the run has several).")] = None,
+) -> None:
+    """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
+    from tilecore.export.bundle import export_run
+
+    manifest = export_run(run, out, category)
+    engines = sorted({m["engine"] for m in manifest["members"]})
+    console.print(
+        f"bundle written to {out}: {len(engines)} engine(s), {len(manifest['files']) - len(engines)} index(es)"
+    )
+
+
+@app.command("run")
+def run_bundle(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `tilecore export`.")],
+    input: Annotated[str, typer.Argument(help="Image, folder, glob, list file (.txt), video file or camera index.")],
+    out: Annotated[Path, typer.Option(help="Folder for results.jsonl, summary.json, overlays, masks.")] = Path(
+        "predictions"
+    ),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or tensorrt.")] = "auto",
+    batch: Annotated[int, typer.Option(help="Images scored together.")] = 4,
+    threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
+    overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
+    masks: Annotated[bool, typer.Option(help="Write binary anomaly masks.")] = False,
+) -> None:
+    """Score images with a bundle (no torch needed): one JSON line per image, a summary at the end."""
+    from tilecore.runtime.predictor import Predictor
+    from tilecore.runtime.run_stream import run_stream
+
+    if batch < 1:
+        raise TilecoreError(f"--batch {batch}: expected >= 1")
+    predictor = Predictor(bundle, device, threads)
+
+    def show(record: dict) -> None:
+        if "error" in record:
+            console.print(f"[yellow]skipped[/] {record['input']}: {record['error']}", highlight=False)
+
+    summary = run_stream(predictor, input, out, batch, overlays, masks, on_item=show)
+    console.print(
+        f"{summary['images']} images, {summary['anomalous']} anomalous, {summary['failed']} failed, "
+        f"{summary['images_per_second']} images/s on {', '.join(summary['providers'])}; results in {out}"
+    )
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer
-from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, tile_outputs
+from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, score_tiles
 from tilecore.runtime.tiling import TileGrid
 from tilecore.train.config import Config
 from tilecore.train.model import Embedder
@@ -64,10 +64,7 @@ class CategoryModel:
         outputs = []
         for embedder, scorers in zip(self.embedders, self.scorers, strict=True):
             embeddings = embedder.embed(images)  # [B, T, h, w, D]
-            per_tile = [scorer.score(embeddings[:, t]) for t, scorer in enumerate(scorers)]
-            patch_scores = np.stack([p for p, _ in per_tile], axis=1)  # [B, T, h, w]
-            tile_scores = np.stack([s for _, s in per_tile], axis=1)  # [B, T]
-            outputs.append(tile_outputs(patch_scores, tile_scores, self.grid, self.config.tiling.blur_sigma))
+            outputs.append(score_tiles(embeddings, scorers, self.grid, self.config.tiling.blur_sigma))
         return outputs
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

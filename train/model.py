@@ -10,8 +10,8 @@ import torch
 
 from tilecore.runtime.artifacts import atomic_write
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.preprocess import Preprocess, normalise_rgb, resize_tiles
-from tilecore.runtime.tiling import TileGrid, cut_tiles, tile_grid
+from tilecore.runtime.preprocess import Preprocess, image_to_tiles
+from tilecore.runtime.tiling import TileGrid, tile_grid
 from tilecore.train.backbones import create_feature_extractor, default_mean_std, feature_channels
 from tilecore.train.config import Config, MemberConfig, tiling_geometry
 from tilecore.train.patchcore import PatchEmbedder
@@ -30,10 +30,8 @@ class Embedder:
 
     def tiles(self, image: np.ndarray, locations: list[int] | None = None) -> np.ndarray:
         """RGB uint8 [H, W, 3] -> backbone inputs [T', 3, in_h, in_w] for the chosen tile locations."""
-        tiles = cut_tiles(normalise_rgb(image, self.preprocess), self.grid)  # [T, 3, th, tw]
-        if locations is not None:
-            tiles = tiles[locations]
-        return resize_tiles(tiles, *self.input_hw)
+        tiles = image_to_tiles(image, self.preprocess, self.grid, self.input_hw)  # [T, 3, in_h, in_w]
+        return tiles if locations is None else tiles[locations]
 
     @torch.inference_mode()
     def embed(self, images: list[np.ndarray], locations: list[int] | None = None) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""`tilecore export RUN --out BUNDLE`: one category of a trained run -> a bundle the runtime loads.
+
+The bundle is written into a temporary sibling folder and renamed into place only when complete, so an
+interrupted export never leaves a folder that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+import tilecore
+from tilecore.export.onnx_graph import OPSET, export_embedder, weights_hash
+from tilecore.runtime.anomaly_map import MAP_RULE
+from tilecore.runtime.artifacts import atomic_write_json, sha256_file
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.knn import build_flat_index
+from tilecore.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE
+from tilecore.train.config import Config
+from tilecore.train.ensemble import CALIBRATION_FILE, bank_groups, bank_path, load_bank
+from tilecore.train.model import grid_for, load_embedder
+from tilecore.train.run_dir import list_run_categories, load_run_config, read_metadata
+
+
+def export_member_banks(
+    run_dir: Path, category: str, config: Config, member: int, folder: Path
+) -> tuple[list[str], int]:
+    """Write member's FAISS indexes; returns the file name serving each tile location, and the dimension."""
+    grid, _, stacked = grid_for(config)
+    per_location: list[str] = [""] * grid.count
+    dim = 0
+    for suffix, locations in bank_groups(grid, stacked):
+        bank = load_bank(bank_path(run_dir, category, member, suffix))
+        dim = int(bank.shape[1])
+        name = f"bank_m{member}_{suffix}.faiss"
+        faiss.write_index(build_flat_index(bank), str(folder / name))
+        for location in locations:
+            per_location[location] = name
+    return per_location, dim
+
+
+def export_run(run_dir: Path, out: Path, category: str | None = None) -> dict:
+    """Export one category of `run_dir` to the bundle folder `out`; returns the manifest."""
+    config = load_run_config(run_dir)
+    categories = list_run_categories(run_dir, config)
+    if category is None:
+        if len(categories) != 1:
+            raise TilecoreError(f"run {run_dir}: {len(categories)} categories {categories}; choose one with --category")
+        category = categories[0]
+    if category not in categories:
+        raise TilecoreError(f"--category {category!r}: run {run_dir} has {categories}")
+    calibration_path = run_dir / category / CALIBRATION_FILE
+    if not calibration_path.is_file():
+        raise TilecoreError(f"run {run_dir}: {category} is not trained and calibrated; run `tilecore train` first")
+    if out.exists():
+        raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
+    calibration = json.loads(calibration_path.read_text())
+    metadata = read_metadata(run_dir)
+    grid, model_input, stacked = grid_for(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        members, engines = [], {}
+        for i, member in enumerate(config.members):
+            embedder = load_embedder(config, run_dir, i)
+            engine = f"backbone_{weights_hash(embedder.net, model_input)}.onnx"
+            if engine not in engines:  # identical backbones (same weights, same input) are exported once
+                export_embedder(embedder.net, model_input, staging / engine)
+                engines[engine] = i
+            banks, dim = export_member_banks(run_dir, category, config, i, staging)
+            with torch.inference_mode():
+                probe = embedder.net(torch.zeros(1, 3, *model_input))  # [1, h, w, D]
+            members.append(
+                {
+                    "backbone": member.backbone,
+                    "layers": member.layers,
+                    "weights_source": metadata.get("weights_sources", {}).get(str(i), "unknown"),
+                    "preprocess": embedder.preprocess.to_dict(),
+                    "engine": engine,
+                    "feature_grid": list(probe.shape[1:3]),
+                    "embedding_dim": dim,
+                    "distance": "euclidean",
+                    "scoring": member.scoring,
+                    "num_neighbours": member.num_neighbours,
+                    "banks": banks,
+                }
+            )
+        files = sorted(p.name for p in staging.iterdir())
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tilecore_version": tilecore.__version__,
+            "category": category,
+            "created_with": {**metadata.get("versions", {}), "onnx_opset": OPSET, "faiss": faiss.__version__},
+            "image_size": [config.data.image_size, config.data.image_size],
+            "tiling": {**grid.to_dict(), "backbone_input": list(model_input), "stacked": stacked},
+            "members": members,
+            "postprocess": {**config.merge_rule().to_dict(), "map_rule": MAP_RULE},
+            "calibration": {"members": calibration["members"], "validation_images": calibration["validation_images"]},
+            "thresholds": calibration["thresholds"],
+            "files": {name: sha256_file(staging / name) for name in files},
+        }
+        atomic_write_json(staging / MANIFEST_FILE, manifest)
+        staging.rename(out)  # the bundle appears complete, or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def bank_arrays(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """Every index of a bundle read back as its bank (for tests and inspection)."""
+    names = {name for m in manifest["members"] for name in m["banks"]}
+    indexes = {name: faiss.read_index(str(bundle / name)) for name in names}
+    return {name: index.reconstruct_n(0, index.ntotal) for name, index in indexes.items()}

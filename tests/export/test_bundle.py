@@ -1,0 +1,142 @@
+"""Export -> bundle -> runtime: parity with the PyTorch model, checked files, atomic export."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from tilecore.export import bundle as bundle_module
+from tilecore.export.bundle import export_run
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.manifest import read_manifest
+from tilecore.runtime.predictor import Predictor
+from tilecore.train.config import config_from_dict
+from tilecore.train.data import load_category
+from tilecore.train.ensemble import load_category_model
+from tilecore.train.fit import train_run
+from tilecore.train.model import load_embedder
+from tilecore.train.synth import build_synth_dataset
+
+RESNET = {"backbone": "resnet18", "pretrained": False, "pretrain_embed_dimension": 32, "target_embed_dimension": 16}
+SETUPS = {  # the three shapes the parity promise names: a single model, a two-member ensemble, ENS9
+    "SM": {"members": [{**RESNET, "layers": ["layer2", "layer3"]}]},
+    "two_members": {
+        "members": [{**RESNET, "layers": ["layer2", "layer3"]}, {**RESNET, "layers": ["layer1", "layer2"]}],
+        "fusion": {"rule": "geometric"},
+    },
+    "ENS9": {"members": [{**RESNET, "layers": ["layer2", "layer3"]}], "tiling": {"preset": "ENS9"}},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundle_data")
+    build_synth_dataset(root, 256, n_train=8, n_test_good=3, n_test_defect=5, categories=("brick",))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("bundle_runs")
+    runs = {}
+    for name, setup in SETUPS.items():
+        data = {"root": str(dataset), "image_size": 128 if name == "ENS9" else 64, "val_fraction": 0.25}
+        config = config_from_dict({**setup, "data": data})
+        train_run(config, base / name)
+        runs[name] = base / name
+    return runs
+
+
+def pytorch_and_runtime(run: Path, bundle: Path, dataset: Path) -> tuple:
+    config = config_from_dict(json.loads((run / "config.json").read_text()))
+    embedders = [load_embedder(config, run, i) for i in range(len(config.members))]
+    model = load_category_model(config, run, "brick", embedders)
+    samples = load_category(dataset, "brick", "mvtec", config.data.val_fraction, config.data.split_seed).test
+    images = [read_rgb(s.image) for s in samples]
+    labels = np.array([s.label for s in samples])
+    torch_scores, torch_maps = model.predict(images)
+    results = Predictor(bundle, device="cpu").predict_batch(images)
+    runtime_scores = np.array([r.score for r in results])
+    runtime_maps = np.stack([r.anomaly_map for r in results])
+    return labels, torch_scores, torch_maps, runtime_scores, runtime_maps
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_runtime_matches_pytorch(runs: dict, dataset: Path, tmp_path: Path, setup: str) -> None:
+    bundle = tmp_path / "bundle"
+    export_run(runs[setup], bundle)
+    labels, torch_scores, torch_maps, runtime_scores, runtime_maps = pytorch_and_runtime(runs[setup], bundle, dataset)
+    score_range = torch_scores.max() - torch_scores.min()
+    assert score_range > 0
+    assert np.abs(runtime_scores - torch_scores).max() <= 1e-4 * score_range
+    assert np.abs(runtime_maps - torch_maps).max() <= 1e-4 * (torch_maps.max() - torch_maps.min())
+    assert roc_auc_score(labels, runtime_scores) == roc_auc_score(labels, torch_scores)
+
+
+def test_manifest_describes_the_bundle(runs: dict, tmp_path: Path) -> None:
+    manifest = export_run(runs["ENS9"], tmp_path / "b")
+    assert manifest["tiling"]["grid"] == [3, 3] and manifest["tiling"]["tile"] == [64, 64]
+    (member,) = manifest["members"]
+    assert len(member["banks"]) == 9 and len(set(member["banks"])) == 9
+    assert member["distance"] == "euclidean" and member["scoring"] == "nearest"
+    assert member["feature_grid"] == [8, 8] and member["embedding_dim"] == 16
+    assert (
+        manifest["postprocess"]["blur_sigma"] == 4.0 and manifest["postprocess"]["map_rule"]["padding"] == "symmetric"
+    )
+    assert set(manifest["files"]) == {p.name for p in (tmp_path / "b").iterdir()} - {"manifest.json"}
+    assert not any(name.endswith(".pkl") or name.endswith(".pt") for name in manifest["files"])
+
+
+def test_identical_backbones_share_one_engine(dataset: Path, tmp_path: Path) -> None:
+    same = {**RESNET, "layers": ["layer2", "layer3"], "pretrained": True, "backbone": "tf_efficientnet_lite0"}
+    same["layers"] = ["blocks.2", "blocks.4"]
+    config = config_from_dict(
+        {
+            "data": {"root": str(dataset), "image_size": 64, "val_fraction": 0.25},
+            "members": [same, {**same, "coreset_ratio": 0.2}],
+        }
+    )
+    train_run(config, tmp_path / "run")
+    manifest = export_run(tmp_path / "run", tmp_path / "b")
+    assert manifest["members"][0]["engine"] == manifest["members"][1]["engine"]
+    assert sum(name.endswith(".onnx") for name in manifest["files"]) == 1
+
+
+@pytest.mark.parametrize("victim", [".faiss", ".onnx"])
+def test_tampered_or_truncated_files_are_refused(runs: dict, tmp_path: Path, victim: str) -> None:
+    bundle = tmp_path / "b"
+    export_run(runs["SM"], bundle)
+    target = next(p for p in sorted(bundle.iterdir()) if p.name.endswith(victim))
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if victim == ".onnx" else data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(TilecoreError, match=f"{target.name} is corrupt or altered"):
+        Predictor(bundle, device="cpu")
+    target.unlink()
+    with pytest.raises(TilecoreError, match=f"{target.name} is missing"):
+        read_manifest(bundle)
+
+
+def test_interrupted_export_leaves_nothing_that_loads(runs: dict, tmp_path: Path, monkeypatch) -> None:
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C mid-export looks like
+
+    monkeypatch.setattr(bundle_module, "export_member_banks", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(runs["SM"], tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "backbone_x.onnx").write_bytes(b"partial")
+    with pytest.raises(TilecoreError, match="no manifest.json"):
+        read_manifest(tmp_path / "half")
+
+
+def test_export_refuses_bad_requests(runs: dict, tmp_path: Path) -> None:
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(TilecoreError, match="already exists"):
+        export_run(runs["SM"], tmp_path / "exists")
+    with pytest.raises(TilecoreError, match="--category 'wood'"):
+        export_run(runs["SM"], tmp_path / "b", "wood")
