@@ -66,39 +66,38 @@ def run_stream(
     started = time.perf_counter()
     with open(out / "results.jsonl", "w") as results:
         for batch in batches(stream(spec), batch_size):
+            records: dict[int, dict] = {}
             usable = []
-            for item in batch:
+            for position, item in enumerate(batch):
                 reason = item.error or validate_image(item.image, tile_hw)
                 if reason:
-                    record = {"input": item.name, "error": reason}
+                    records[position] = {"input": item.name, "error": reason}
                     counts["failed"] += 1
-                    results.write(json.dumps(record) + "\n")
-                    if on_item:
-                        on_item(record)
                 else:
-                    usable.append(item)
-            if not usable:
-                continue
-            batch_started = time.perf_counter()
-            outcomes = predictor.predict_batch([item.image for item in usable])
-            batch_ms = 1000 * (time.perf_counter() - batch_started) / len(usable)
-            for item, result in zip(usable, outcomes, strict=True):
-                record = {
-                    "input": item.name,
-                    "score": round(result.score, 6),
-                    "label": "anomalous" if result.label else "normal",
-                    "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
-                }
-                stem = safe_name(item.name)
-                if overlays:
-                    write_png(out / "overlays" / f"{stem}.png", overlay(item.image, result, predictor.thresholds["pixel"]))
-                if masks:
-                    write_png(out / "masks" / f"{stem}.png", full_size_mask(result, item.image.shape[:2]))
-                counts["images"] += 1
-                counts["anomalous"] += int(result.label)
-                results.write(json.dumps(record) + "\n")
+                    usable.append((position, item))
+            if usable:
+                batch_started = time.perf_counter()
+                outcomes = predictor.predict_batch([item.image for _, item in usable])
+                batch_ms = 1000 * (time.perf_counter() - batch_started) / len(usable)
+                for (position, item), result in zip(usable, outcomes, strict=True):
+                    stem = safe_name(item.name)
+                    if overlays:
+                        heat = overlay(item.image, result, predictor.thresholds["pixel"])
+                        write_png(out / "overlays" / f"{stem}.png", heat)
+                    if masks:
+                        write_png(out / "masks" / f"{stem}.png", full_size_mask(result, item.image.shape[:2]))
+                    counts["images"] += 1
+                    counts["anomalous"] += int(result.label)
+                    records[position] = {
+                        "input": item.name,
+                        "score": round(result.score, 6),
+                        "label": "anomalous" if result.label else "normal",
+                        "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
+                    }
+            for position in sorted(records):  # input order
+                results.write(json.dumps(records[position]) + "\n")
                 if on_item:
-                    on_item(record)
+                    on_item(records[position])
             results.flush()
     elapsed = time.perf_counter() - started
     summary = {
