@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/synth256
 RUN := runs/demo
+CATEGORIES := brick grass gravel
 
 .PHONY: demo test venv
 
@@ -21,6 +22,13 @@ demo: venv
 	test -f $(DATA)/dataset.json || $(BIN)/tilecore data synth --out $(DATA) --size 256
 	$(BIN)/tilecore train --data $(DATA) --out $(RUN)
 	$(BIN)/tilecore eval $(RUN)
+	# export each category and run the torch-free runtime on its test images
+	for c in $(CATEGORIES); do \
+	  rm -rf bundles/$$c && $(BIN)/tilecore export $(RUN) --category $$c --out bundles/$$c && \
+	  $(BIN)/tilecore run bundles/$$c "$(DATA)/$$c/test/*/*.png" --out predictions/$$c --device cpu --overlays --masks \
+	  || exit 1; \
+	done
+	$(BIN)/python tools/results_metrics.py predictions/*/results.jsonl --out predictions/metrics.json
 
 test: venv
 	$(BIN)/ruff check .
