@@ -8,6 +8,7 @@ Normalisation happens per tile location before merging ("tile") or per member af
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,12 +63,23 @@ def tile_outputs(patch_scores: np.ndarray, tile_scores: np.ndarray, grid: TileGr
     return TileOutputs(tile_scores.astype(np.float32), maps)
 
 
-def score_tiles(embeddings: np.ndarray, scorers: list, grid: TileGrid, sigma: float) -> TileOutputs:
-    """One member's patch embeddings [B, T, h, w, D] -> raw TileOutputs, each tile against its own bank."""
-    per_tile = [scorer.score(embeddings[:, t]) for t, scorer in enumerate(scorers)]
-    patch_scores = np.stack([p for p, _ in per_tile], axis=1)  # [B, T, h, w]
-    tile_scores = np.stack([s for _, s in per_tile], axis=1)  # [B, T]
-    return tile_outputs(patch_scores, tile_scores, grid, sigma)
+def score_locations(
+    embed: Callable[[list[int]], np.ndarray], scorers: list, grid: TileGrid, sigma: float, chunk: int
+) -> TileOutputs:
+    """One member's raw TileOutputs, each tile location against its own bank.
+
+    `embed(locations)` returns the batch's patch embeddings at those locations, [B, T', h, w, D]; asking
+    for `chunk` locations at a time keeps memory at a few tiles' embeddings however large the grid.
+    """
+    patch_scores, tile_scores = [], []
+    for start in range(0, grid.count, chunk):
+        locations = list(range(start, min(start + chunk, grid.count)))
+        embeddings = embed(locations)  # [B, T', h, w, D]
+        for j, location in enumerate(locations):
+            patches, scores = scorers[location].score(embeddings[:, j])  # [B, h, w], [B]
+            patch_scores.append(patches)
+            tile_scores.append(scores)
+    return tile_outputs(np.stack(patch_scores, axis=1), np.stack(tile_scores, axis=1), grid, sigma)
 
 
 def merge_tiles(outputs: TileOutputs, grid: TileGrid, rule: MergeRule) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ import numpy as np
 from tilecore.runtime.engine import Engine
 from tilecore.runtime.knn import BankScorer
 from tilecore.runtime.manifest import read_manifest
-from tilecore.runtime.merge import MemberCalibration, MergeRule, ensemble_result, score_tiles
-from tilecore.runtime.preprocess import Preprocess, image_to_tiles
+from tilecore.runtime.merge import MemberCalibration, MergeRule, ensemble_result, score_locations
+from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
 from tilecore.runtime.tiling import TileGrid
 
 
@@ -75,16 +75,24 @@ class Predictor:
         for index, (member, scorers) in enumerate(self.members):
             started = time.perf_counter()
             spec = preprocess_from_manifest(member["preprocess"])
-            tiles = np.stack([image_to_tiles(image, spec, self.grid, self.input_hw) for image in images])
-            b, t = tiles.shape[:2]
+            normalised = [normalise_rgb(image, spec) for image in images]  # [3, S, S] each
             timings[f"preprocess_m{index}"] = time.perf_counter() - started
+            engine = self.engines[member["engine"]]
+            stage = {"engine": 0.0}
+
+            def embed(locations: list[int], normalised=normalised, engine=engine, stage=stage) -> np.ndarray:
+                tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
+                b, t = tiles.shape[:2]  # [B, T', 3, in_h, in_w]
+                started = time.perf_counter()
+                embeddings = engine.run(tiles.reshape(b * t, *tiles.shape[2:]))  # [B*T', h, w, D]
+                stage["engine"] += time.perf_counter() - started
+                return embeddings.reshape(b, t, *embeddings.shape[1:])
+
             started = time.perf_counter()
-            embeddings = self.engines[member["engine"]].run(tiles.reshape(b * t, *tiles.shape[2:]))
-            embeddings = embeddings.reshape(b, t, *embeddings.shape[1:])  # [B*T, h, w, D] -> [B, T, h, w, D]
-            timings[f"engine_m{index}"] = time.perf_counter() - started
-            started = time.perf_counter()
-            raw.append(score_tiles(embeddings, scorers, self.grid, self.rule.blur_sigma))
-            timings[f"knn_maps_m{index}"] = time.perf_counter() - started
+            chunk = max(1, engine.max_batch // len(images))
+            raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk))
+            timings[f"engine_m{index}"] = stage["engine"]
+            timings[f"tiles_knn_maps_m{index}"] = time.perf_counter() - started - stage["engine"]
         started = time.perf_counter()
         scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
         timings["merge"] = time.perf_counter() - started

@@ -72,9 +72,8 @@ def resize_tiles(tiles: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def image_to_tiles(image: np.ndarray, spec: Preprocess, grid, input_hw: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> backbone inputs [T, 3, in_h, in_w]: resize, normalise, tile, resize tiles."""
+def tiles_at(normalised: np.ndarray, grid, locations: list[int], input_hw: tuple[int, int]) -> np.ndarray:
+    """Normalised image [3, S, S] -> backbone inputs [T', 3, in_h, in_w] for the chosen tile locations."""
     from tilecore.runtime.tiling import cut_tiles
 
-    tiles = cut_tiles(normalise_rgb(image, spec), grid)  # [3, S, S] -> [T, 3, th, tw]
-    return resize_tiles(tiles, *input_hw)
+    return resize_tiles(cut_tiles(normalised, grid, locations), *input_hw)

@@ -79,17 +79,19 @@ def single_tile(image_hw: tuple[int, int]) -> TileGrid:
     return TileGrid(image_hw[0], image_hw[1], image_hw[0], image_hw[1], image_hw[0], image_hw[1])
 
 
-def cut_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """Image [C, H, W] -> tiles [T, C, th, tw], zero padded at the bottom/right as the grid needs."""
+def cut_tiles(image: np.ndarray, grid: TileGrid, locations: list[int] | None = None) -> np.ndarray:
+    """Image [C, H, W] -> tiles [T', C, th, tw] at the chosen locations (all by default), zero padded
+    at the bottom/right where a tile reaches past the image."""
     c, h, w = image.shape
     if (h, w) != (grid.image_h, grid.image_w):
         raise TilecoreError(f"tiling: image {h}x{w} does not match the grid's {grid.image_h}x{grid.image_w}")
-    padded = np.zeros((c, grid.padded_h, grid.padded_w), dtype=image.dtype)
-    padded[:, :h, :w] = image
-    tiles = np.empty((grid.count, c, grid.tile_h, grid.tile_w), dtype=image.dtype)
-    for i, (r, col) in enumerate(grid.locations()):
-        y, x = grid.origin(r, col)
-        tiles[i] = padded[:, y : y + grid.tile_h, x : x + grid.tile_w]
+    chosen = list(range(grid.count)) if locations is None else locations
+    all_locations = grid.locations()
+    tiles = np.zeros((len(chosen), c, grid.tile_h, grid.tile_w), dtype=image.dtype)
+    for i, location in enumerate(chosen):
+        y, x = grid.origin(*all_locations[location])
+        inside = image[:, y : y + grid.tile_h, x : x + grid.tile_w]  # smaller than a tile at the padded edge
+        tiles[i, :, : inside.shape[1], : inside.shape[2]] = inside
     return tiles
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer
-from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, score_tiles
+from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, score_locations
 from tilecore.runtime.tiling import TileGrid
 from tilecore.train.config import Config
 from tilecore.train.model import Embedder
@@ -63,8 +63,17 @@ class CategoryModel:
         """Each member's un-normalised tile outputs for a batch of RGB images."""
         outputs = []
         for embedder, scorers in zip(self.embedders, self.scorers, strict=True):
-            embeddings = embedder.embed(images)  # [B, T, h, w, D]
-            outputs.append(score_tiles(embeddings, scorers, self.grid, self.config.tiling.blur_sigma))
+            normalised = embedder.normalise(images)
+            chunk = max(1, embedder.tiles_per_pass // len(images))  # tile locations embedded at a time
+            outputs.append(
+                score_locations(
+                    lambda locations, n=normalised, e=embedder: e.embed_normalised(n, locations),
+                    scorers,
+                    self.grid,
+                    self.config.tiling.blur_sigma,
+                    chunk,
+                )
+            )
         return outputs
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import torch
 
 from tilecore.runtime.artifacts import atomic_write
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.preprocess import Preprocess, image_to_tiles
+from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
 from tilecore.runtime.tiling import TileGrid, tile_grid
 from tilecore.train.backbones import create_feature_extractor, default_mean_std, feature_channels
 from tilecore.train.config import Config, MemberConfig, tiling_geometry
@@ -28,20 +28,27 @@ class Embedder:
     input_hw: tuple[int, int]  # each tile is resized to this before the backbone
     pixels_per_pass: int = 4 * 256 * 256  # backbone batch budget; CPUs slow down sharply past a few tiles
 
-    def tiles(self, image: np.ndarray, locations: list[int] | None = None) -> np.ndarray:
-        """RGB uint8 [H, W, 3] -> backbone inputs [T', 3, in_h, in_w] for the chosen tile locations."""
-        tiles = image_to_tiles(image, self.preprocess, self.grid, self.input_hw)  # [T, 3, in_h, in_w]
-        return tiles if locations is None else tiles[locations]
+    def normalise(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """RGB uint8 images -> normalised images [3, S, S] at the working resolution."""
+        return [normalise_rgb(image, self.preprocess) for image in images]
 
     @torch.inference_mode()
-    def embed(self, images: list[np.ndarray], locations: list[int] | None = None) -> np.ndarray:
-        """RGB uint8 images -> patch embeddings [B, T', h, w, D] float32 (T' = chosen tile locations)."""
-        batch = np.stack([self.tiles(image, locations) for image in images])  # [B, T', 3, in_h, in_w]
-        b, t = batch.shape[:2]
+    def embed_normalised(self, normalised: list[np.ndarray], locations: list[int]) -> np.ndarray:
+        """Normalised images -> patch embeddings [B, T', h, w, D] float32 at the chosen tile locations."""
+        batch = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
+        b, t = batch.shape[:2]  # [B, T', 3, in_h, in_w]
         flat = torch.from_numpy(batch.reshape(b * t, *batch.shape[2:]))  # [B*T', 3, in_h, in_w]
-        per_pass = max(1, self.pixels_per_pass // (self.input_hw[0] * self.input_hw[1]))
-        embeddings = torch.cat([self.net(chunk) for chunk in flat.split(per_pass)])  # [B*T', h, w, D]
+        embeddings = torch.cat([self.net(chunk) for chunk in flat.split(self.tiles_per_pass)])  # [B*T', h, w, D]
         return embeddings.numpy().reshape(b, t, *embeddings.shape[1:])
+
+    def embed(self, images: list[np.ndarray], locations: list[int] | None = None) -> np.ndarray:
+        """RGB uint8 images -> patch embeddings [B, T', h, w, D] (all tile locations by default)."""
+        chosen = list(range(self.grid.count)) if locations is None else locations
+        return self.embed_normalised(self.normalise(images), chosen)
+
+    @property
+    def tiles_per_pass(self) -> int:
+        return max(1, self.pixels_per_pass // (self.input_hw[0] * self.input_hw[1]))
 
 
 def grid_for(config: Config) -> tuple[TileGrid, tuple[int, int], bool]:
