@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import tilecore
+from tilecore.export.indexes import INDEX_KINDS, build_index, recall_at_1
 from tilecore.export.onnx_graph import OPSET, export_embedder, weights_hash
 from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_json, sha256_file
@@ -28,24 +29,46 @@ from tilecore.train.model import grid_for, load_embedder
 from tilecore.train.run_dir import list_run_categories, load_run_config, read_metadata
 
 
+def validation_queries(
+    run_dir: Path, category: str, config: Config, member: int, locations: list[int], limit: int = 4096
+) -> np.ndarray:
+    """Patch embeddings [m, D] of the held-out validation images at the given tile locations."""
+    from tilecore.runtime.image_io import read_rgb
+
+    split = json.loads((run_dir / category / "split.json").read_text())
+    embedder = load_embedder(config, run_dir, member)
+    chunks = []
+    for path in split["validation"]:
+        embeddings = embedder.embed([read_rgb(path)], locations)  # [1, T', h, w, D]
+        chunks.append(embeddings.reshape(-1, embeddings.shape[-1]))
+    queries = np.concatenate(chunks)
+    rows = np.random.default_rng(0).permutation(len(queries))[:limit]
+    return np.ascontiguousarray(queries[np.sort(rows)])
+
+
 def export_member_banks(
-    run_dir: Path, category: str, config: Config, member: int, folder: Path
-) -> tuple[list[str], int]:
-    """Write member's FAISS indexes; returns the file name serving each tile location, and the dimension."""
+    run_dir: Path, category: str, config: Config, member: int, folder: Path, kind: str = "flat"
+) -> tuple[list[str], int, dict[str, float]]:
+    """Write a member's FAISS indexes: (file serving each tile location, dimension, recall@1 per file)."""
     grid, _, stacked = grid_for(config)
     per_location: list[str] = [""] * grid.count
+    recalls: dict[str, float] = {}
     dim = 0
     for suffix, locations in bank_groups(grid, stacked):
         bank = load_bank(bank_path(run_dir, category, member, suffix))
         dim = int(bank.shape[1])
         name = f"bank_m{member}_{suffix}.faiss"
-        faiss.write_index(build_flat_index(bank), str(folder / name))
+        index = build_index(bank, kind, config.train.seed)
+        if kind != "flat":
+            queries = validation_queries(run_dir, category, config, member, locations)
+            recalls[name] = recall_at_1(index, build_flat_index(bank), queries)
+        faiss.write_index(index, str(folder / name))
         for location in locations:
             per_location[location] = name
-    return per_location, dim
+    return per_location, dim, recalls
 
 
-def export_run(run_dir: Path, out: Path, category: str | None = None) -> dict:
+def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind: str = "flat") -> dict:
     """Export one category of `run_dir` to the bundle folder `out`; returns the manifest."""
     config = load_run_config(run_dir)
     categories = list_run_categories(run_dir, config)
@@ -58,6 +81,8 @@ def export_run(run_dir: Path, out: Path, category: str | None = None) -> dict:
     calibration_path = run_dir / category / CALIBRATION_FILE
     if not calibration_path.is_file():
         raise TilecoreError(f"run {run_dir}: {category} is not trained and calibrated; run `tilecore train` first")
+    if index_kind not in INDEX_KINDS:
+        raise TilecoreError(f"--index {index_kind!r}: expected one of {', '.join(INDEX_KINDS)}")
     if out.exists():
         raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
     calibration = json.loads(calibration_path.read_text())
@@ -73,7 +98,7 @@ def export_run(run_dir: Path, out: Path, category: str | None = None) -> dict:
             if engine not in engines:  # identical backbones (same weights, same input) are exported once
                 export_embedder(embedder.net, model_input, staging / engine)
                 engines[engine] = i
-            banks, dim = export_member_banks(run_dir, category, config, i, staging)
+            banks, dim, recalls = export_member_banks(run_dir, category, config, i, staging, index_kind)
             with torch.inference_mode():
                 probe = embedder.net(torch.zeros(1, 3, *model_input))  # [1, h, w, D]
             members.append(
@@ -89,6 +114,8 @@ def export_run(run_dir: Path, out: Path, category: str | None = None) -> dict:
                     "scoring": member.scoring,
                     "num_neighbours": member.num_neighbours,
                     "banks": banks,
+                    "index": index_kind,
+                    "recall_at_1": recalls if index_kind != "flat" else None,
                 }
             )
         files = sorted(p.name for p in staging.iterdir())

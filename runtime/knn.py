@@ -55,7 +55,11 @@ class BankScorer:
     def from_index(cls, index: faiss.Index, rule: str = RULE_NEAREST, num_neighbours: int = 1) -> BankScorer:
         """A scorer over a loaded exact index (the bank is read back for the reweighting rule)."""
         scorer = cls.from_bank(np.zeros((1, index.d), dtype=np.float32), rule, num_neighbours)  # validates
-        return cls(index, np.ascontiguousarray(index.reconstruct_n(0, index.ntotal)), scorer.rule, num_neighbours)
+        if rule == RULE_REWEIGHTED and num_neighbours > 1:
+            bank = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal))  # exact and HNSW indexes only
+        else:
+            bank = np.zeros((0, index.d), dtype=np.float32)  # the nearest rule never reads the bank
+        return cls(index, bank, scorer.rule, num_neighbours)
 
     def score(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Patch embeddings [B, h, w, D] -> (patch scores [B, h, w], image scores [B])."""

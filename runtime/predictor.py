@@ -39,8 +39,24 @@ def preprocess_from_manifest(raw: dict) -> Preprocess:
     return Preprocess(raw["height"], raw["width"], tuple(raw["mean"]), tuple(raw["std"]))
 
 
+def move_indexes_to_gpu(scorers: list[BankScorer], device: str, gpu_id: int) -> str:
+    """Put every index on one GPU through one shared FAISS resource object, when faiss-gpu sees a GPU."""
+    if device == "cpu" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= gpu_id:
+        return "cpu"
+    resources = faiss.StandardGpuResources()  # one for all indexes: a resource object per index exhausts memory
+    resources.setTempMemory(256 * 1024 * 1024)
+    moved: dict[int, faiss.Index] = {}
+    for scorer in scorers:  # stacked banks share one scorer; move each index once
+        if id(scorer.index) not in moved:
+            moved[id(scorer.index)] = faiss.index_cpu_to_gpu(resources, gpu_id, scorer.index)
+        scorer.index = moved[id(scorer.index)]
+    return f"cuda:{gpu_id}"
+
+
 class Predictor:
-    def __init__(self, bundle: str | Path, device: str = "auto", threads: int = 0, max_batch: int = 4) -> None:
+    def __init__(
+        self, bundle: str | Path, device: str = "auto", threads: int = 0, max_batch: int = 4, gpu_id: int = 0
+    ) -> None:
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         if threads:
@@ -63,6 +79,7 @@ class Predictor:
                 for name in set(member["banks"])
             }
             self.members.append((member, [scorers[name] for name in member["banks"]]))
+        self.knn_device = move_indexes_to_gpu([s for _, scorers in self.members for s in scorers], device, gpu_id)
 
     @property
     def providers(self) -> list[str]:

@@ -118,11 +118,12 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run directory written by `tilecore train`.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("bundle"),
     category: Annotated[str | None, typer.Option(help="Category to export (needed when the run has several).")] = None,
+    index: Annotated[str, typer.Option(help="flat (exact), hnsw or ivfpq (approximate, recall measured).")] = "flat",
 ) -> None:
     """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
     from tilecore.export.bundle import export_run
 
-    manifest = export_run(run, out, category)
+    manifest = export_run(run, out, category, index)
     engines = sorted({m["engine"] for m in manifest["members"]})
     console.print(
         f"bundle written to {out}: {len(engines)} engine(s), {len(manifest['files']) - len(engines)} index(es)"

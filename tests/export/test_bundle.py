@@ -1,6 +1,10 @@
 """Export -> bundle -> runtime: parity with the PyTorch model, checked files, atomic export."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +144,31 @@ def test_export_refuses_bad_requests(runs: dict, tmp_path: Path) -> None:
         export_run(runs["SM"], tmp_path / "exists")
     with pytest.raises(TilecoreError, match="--category 'wood'"):
         export_run(runs["SM"], tmp_path / "b", "wood")
+
+
+@pytest.mark.parametrize(("kind", "min_recall"), [("hnsw", 0.9), ("ivfpq", 0.0)])
+def test_approximate_indexes_report_their_recall(runs: dict, tmp_path: Path, kind: str, min_recall: float) -> None:
+    manifest = export_run(runs["ENS9"], tmp_path / "b", index_kind=kind)
+    (member,) = manifest["members"]
+    recalls = member["recall_at_1"]
+    assert member["index"] == kind and set(recalls) == set(member["banks"])
+    assert all(min_recall <= r <= 1.0 for r in recalls.values())
+    image = read_rgb(next((runs["ENS9"].parent / "..").glob("**/brick/test/good/*.png")))
+    assert np.isfinite(Predictor(tmp_path / "b", device="cpu").predict(image).score)
+
+
+def test_killed_export_leaves_no_bundle(runs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    command = [sys.executable, "-m", "tilecore.cli", "export", str(runs["ENS9"]), "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(p.suffix == ".onnx" for p in tmp_path.glob(".*partial/*")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the kill came after the export finished"
+    (partial,) = tmp_path.glob(".bundle.*.partial")
+    with pytest.raises(TilecoreError, match="no manifest.json"):
+        read_manifest(partial)
