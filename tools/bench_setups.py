@@ -163,11 +163,22 @@ def main() -> None:
     parser.add_argument("--small-data", default="data/synth256", help="256 px synth dataset for table 2")
     parser.add_argument("--out", default="runs/bench_setups", help="folder for bench.json and tables.md")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=SETUPS)
     parser.add_argument("--coreset", type=float, default=0.01, help="coreset ratio (PatchCore's ensemble 1%%)")
     parser.add_argument("--skip-efficiency", action="store_true")
+    parser.add_argument("--tables-from", nargs="+", type=Path, help="only render tables from bench.json files")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tables_from:
+        merged: dict = {"setups": {}, "efficiency": []}
+        for path in args.tables_from:
+            part = json.loads(path.read_text())
+            merged["setups"].update(part["setups"])
+            merged["efficiency"] += part["efficiency"]
+        print(setups_table(merged["setups"]))
+        if merged["efficiency"]:
+            print("\n" + efficiency_table(merged["efficiency"]))
+        return
     if args.worker:
         print(json.dumps(run_worker(*args.worker)))
         return

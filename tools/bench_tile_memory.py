@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="grass")
     parser.add_argument("--out", default="runs/bench_tile_memory.json")
+    parser.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))), help="indexes into CASES")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -54,7 +55,8 @@ def main() -> None:
             data = Path(f"data/synth{size}")
             if not (data / "dataset.json").is_file():
                 build_synth_dataset(data, size)
-        for i, (name, size, tiling) in enumerate(CASES):
+        for i in args.cases:
+            name, size, tiling = CASES[i]
             lines = [
                 f'[data]\nroot = "{Path(f"data/synth{size}").resolve()}"\nimage_size = {size}',
                 f'categories = ["{args.category}"]',
