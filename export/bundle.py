@@ -24,19 +24,19 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import build_flat_index
 from tilecore.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from tilecore.train.config import Config
+from tilecore.train.data import config_categories
 from tilecore.train.ensemble import CALIBRATION_FILE, bank_groups, bank_path, load_bank
-from tilecore.train.model import grid_for, load_embedder
-from tilecore.train.run_dir import list_run_categories, load_run_config, read_metadata
+from tilecore.train.model import Embedder, grid_for, load_embedder
+from tilecore.train.run_dir import load_run_config, read_metadata
 
 
 def validation_queries(
-    run_dir: Path, category: str, config: Config, member: int, locations: list[int], limit: int = 4096
+    run_dir: Path, category: str, embedder: Embedder, locations: list[int], limit: int = 4096
 ) -> np.ndarray:
     """Patch embeddings [m, D] of the held-out validation images at the given tile locations."""
     from tilecore.runtime.image_io import read_rgb
 
     split = json.loads((run_dir / category / "split.json").read_text())
-    embedder = load_embedder(config, run_dir, member)
     chunks = []
     for path in split["validation"]:
         embeddings = embedder.embed([read_rgb(path)], locations)  # [1, T', h, w, D]
@@ -47,7 +47,7 @@ def validation_queries(
 
 
 def export_member_banks(
-    run_dir: Path, category: str, config: Config, member: int, folder: Path, kind: str = "flat"
+    run_dir: Path, category: str, config: Config, member: int, embedder: Embedder, folder: Path, kind: str = "flat"
 ) -> tuple[list[str], int, dict[str, float]]:
     """Write a member's FAISS indexes: (file serving each tile location, dimension, recall@1 per file)."""
     grid, _, stacked = grid_for(config)
@@ -60,7 +60,7 @@ def export_member_banks(
         name = f"bank_m{member}_{suffix}.faiss"
         index = build_index(bank, kind, config.train.seed)
         if kind != "flat":
-            queries = validation_queries(run_dir, category, config, member, locations)
+            queries = validation_queries(run_dir, category, embedder, locations)
             recalls[name] = recall_at_1(index, build_flat_index(bank), queries)
         faiss.write_index(index, str(folder / name))
         for location in locations:
@@ -71,7 +71,7 @@ def export_member_banks(
 def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind: str = "flat") -> dict:
     """Export one category of `run_dir` to the bundle folder `out`; returns the manifest."""
     config = load_run_config(run_dir)
-    categories = list_run_categories(run_dir, config)
+    categories = config_categories(config)
     if category is None:
         if len(categories) != 1:
             raise TilecoreError(f"run {run_dir}: {len(categories)} categories {categories}; choose one with --category")
@@ -98,7 +98,7 @@ def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind
             if engine not in engines:  # identical backbones (same weights, same input) are exported once
                 export_embedder(embedder.net, model_input, staging / engine)
                 engines[engine] = i
-            banks, dim, recalls = export_member_banks(run_dir, category, config, i, staging, index_kind)
+            banks, dim, recalls = export_member_banks(run_dir, category, config, i, embedder, staging, index_kind)
             with torch.inference_mode():
                 probe = embedder.net(torch.zeros(1, 3, *model_input))  # [1, h, w, D]
             members.append(

@@ -64,6 +64,15 @@ def list_categories(root: Path, fmt: str) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
 
 
+def config_categories(config) -> list[str]:
+    """The categories a config covers: its own list, or every category of its dataset when it names none."""
+    root = Path(config.data.root)
+    categories = config.data.categories or list_categories(root, config.data.format)
+    if not categories:
+        raise TilecoreError(f"dataset {root}: no categories found (expected <category>/train/good folders)")
+    return categories
+
+
 def check_root(root: Path, fmt: str) -> None:
     if fmt not in FORMATS:
         raise TilecoreError(f"dataset format {fmt!r}: expected one of {list(FORMATS)}")

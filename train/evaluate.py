@@ -14,7 +14,7 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_mask
 from tilecore.runtime.preprocess import resize_mask
 from tilecore.train.config import Config
-from tilecore.train.data import Sample, list_categories, load_category
+from tilecore.train.data import Sample, config_categories, load_category
 from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
 from tilecore.train.fit import read_batches
 from tilecore.train.metrics import summarize
@@ -77,7 +77,7 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
     progress = progress or Progress(disable=True)
     config = load_run_config(run_dir)
     root = Path(config.data.root)
-    categories = config.data.categories or list_categories(root, config.data.format)
+    categories = config_categories(config)
     untrained = [c for c in categories if not (run_dir / c / CALIBRATION_FILE).is_file()]
     if untrained:
         raise TilecoreError(f"run {run_dir}: categories {untrained} not trained; run `tilecore train` first")

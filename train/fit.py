@@ -26,7 +26,7 @@ from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_resu
 from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
 from tilecore.train.coreset import approximate_greedy_coreset
-from tilecore.train.data import CategoryData, Sample, list_categories, load_category
+from tilecore.train.data import CategoryData, Sample, config_categories, load_category
 from tilecore.train.ensemble import (
     CALIBRATION_FILE,
     CategoryModel,
@@ -171,9 +171,7 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
     if member is not None and not 0 <= member < len(config.members):
         raise TilecoreError(f"--member {member}: expected 0..{len(config.members) - 1}")
     root = Path(config.data.root)
-    categories = config.data.categories or list_categories(root, config.data.format)
-    if not categories:
-        raise TilecoreError(f"dataset {root}: no categories found (expected <category>/train/good folders)")
+    categories = config_categories(config)
     datasets = [
         load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed) for c in categories
     ]

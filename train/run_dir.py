@@ -86,10 +86,3 @@ def update_metadata(run_dir: Path, **entries: Any) -> dict[str, Any]:
     metadata.update(entries)
     atomic_write_json(path, metadata)
     return metadata
-
-
-def list_run_categories(run_dir: Path, config: Config) -> list[str]:
-    """The categories a run covers: the config's list, or the dataset's when the config names none."""
-    from tilecore.train.data import list_categories
-
-    return config.data.categories or list_categories(Path(config.data.root), config.data.format)
