@@ -18,6 +18,8 @@ import torch
 import tilecore
 from tilecore.export.indexes import INDEX_KINDS, build_index, recall_at_1
 from tilecore.export.onnx_graph import OPSET, export_embedder, weights_hash
+from tilecore.export.reduced_precision import DEFAULT_FLOOR, add_reduced_precisions
+from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack, engine_for_run
 from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_json, sha256_file
 from tilecore.runtime.errors import TilecoreError
@@ -68,8 +70,22 @@ def export_member_banks(
     return per_location, dim, recalls
 
 
-def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind: str = "flat") -> dict:
-    """Export one category of `run_dir` to the bundle folder `out`; returns the manifest."""
+def export_run(
+    run_dir: Path,
+    out: Path,
+    category: str | None = None,
+    index_kind: str = "flat",
+    tensorrt: TensorRTBuild | None = None,
+    precisions: tuple[str, ...] = (),
+    precision_floor: float = DEFAULT_FLOOR,
+) -> dict:
+    """Export one category of `run_dir` to the bundle folder `out`; returns the manifest.
+
+    `precisions` (int8, bf16) adds reduced-precision engines for CPUs, each checked against fp32 on the
+    validation split (export.reduced_precision).
+
+    With `tensorrt`, each ONNX graph also gets a TensorRT engine built on this GPU (export.tensorrt_build).
+    """
     config = load_run_config(run_dir)
     categories = config_categories(config)
     if category is None:
@@ -85,6 +101,8 @@ def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind
         raise TilecoreError(f"--index {index_kind!r}: expected one of {', '.join(INDEX_KINDS)}")
     if out.exists():
         raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
+    trt_stack = check_build_stack(tensorrt) if tensorrt is not None else None  # fail fast, before the long work
+    trt_records = []
     calibration = json.loads(calibration_path.read_text())
     metadata = read_metadata(run_dir)
     grid, model_input, stacked = grid_for(config)
@@ -98,6 +116,9 @@ def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind
             if engine not in engines:  # identical backbones (same weights, same input) are exported once
                 export_embedder(embedder.net, model_input, staging / engine)
                 engines[engine] = i
+                if trt_stack is not None:
+                    args = (run_dir, category, embedder.preprocess, grid, model_input)
+                    trt_records.append(engine_for_run(staging / engine, tensorrt, trt_stack, *args).to_dict())
             banks, dim, recalls = export_member_banks(run_dir, category, config, i, embedder, staging, index_kind)
             with torch.inference_mode():
                 probe = embedder.net(torch.zeros(1, 3, *model_input))  # [1, h, w, D]
@@ -124,6 +145,7 @@ def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind
             "format_version": FORMAT_VERSION,
             "tilecore_version": tilecore.__version__,
             "category": category,
+            "source_run": str(run_dir.resolve()),  # informational: where `tilecore bench` finds the PyTorch model
             "created_with": {**metadata.get("versions", {}), "onnx_opset": OPSET, "faiss": faiss.__version__},
             "image_size": [config.data.image_size, config.data.image_size],
             "tiling": {**grid.to_dict(), "backbone_input": list(model_input), "stacked": stacked},
@@ -131,9 +153,19 @@ def export_run(run_dir: Path, out: Path, category: str | None = None, index_kind
             "postprocess": {**config.merge_rule().to_dict(), "map_rule": MAP_RULE},
             "calibration": {"members": calibration["members"], "validation_images": calibration["validation_images"]},
             "thresholds": calibration["thresholds"],
+            **({"tensorrt": trt_records} if trt_records else {}),  # engines tied to a GPU + TensorRT version
             "files": {name: sha256_file(staging / name) for name in files},
         }
         atomic_write_json(staging / MANIFEST_FILE, manifest)
+        if precisions:
+            write = lambda m: atomic_write_json(staging / MANIFEST_FILE, m)  # noqa: E731
+            block = add_reduced_precisions(
+                staging, manifest, run_dir, category, grid, list(precisions), precision_floor, write
+            )
+            manifest["reduced_precision"] = block
+            files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_FILE)
+            manifest["files"] = {name: sha256_file(staging / name) for name in files}
+            write(manifest)
         staging.rename(out)  # the bundle appears complete, or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,13 +1,18 @@
-"""Backbone engines through ONNX Runtime, on the best execution provider present.
+"""Backbone engines: normalised tiles [N, 3, h, w] -> patch embeddings [N, h', w', D] float32.
 
-`auto` tries TensorRT, then CUDA, then the CPU, and says which one runs. TensorRT builds its plan on
-first use and caches it next to the bundle (`<bundle>/trt_cache`), tied to that GPU and TensorRT version.
+`open_engine(path, device)` picks the backend. ONNX Runtime serves `cpu`, `cuda` and `tensorrt` (its
+TensorRT execution provider, plans cached in `<bundle>/trt_cache`); `openvino` and `tensorrt-native`
+live in their own modules and are imported only when asked for. `auto` walks AUTO_ORDER and takes the
+first backend that is present, saying which one runs. Every engine returns float32 whatever precision
+it computes in, so kNN, normalisation and thresholds always run in float32.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +21,9 @@ from tilecore.runtime.errors import TilecoreError
 
 log = logging.getLogger("tilecore")
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt", "tensorrt-native", "openvino")
+AUTO_ORDER = ("tensorrt-native", "tensorrt", "cuda", "openvino", "cpu")
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -24,53 +31,118 @@ PROVIDERS = {
 }
 
 
-def choose_providers(device: str, available: list[str], cache_dir: Path) -> list:
-    """The provider list for `device`; a device asked for by name but absent is an error."""
-    if device not in DEVICES:
-        raise TilecoreError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
-    wanted = ["tensorrt", "cuda", "cpu"] if device == "auto" else [device, "cpu"]
-    if device != "auto" and PROVIDERS[device] not in available:
-        raise TilecoreError(
+class BackendMissing(TilecoreError):
+    """A backend asked for is not installed or has no device here; `auto` moves on to the next one."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"
+    threads: int = 0  # 0: the library's default
+    max_batch: int = 4  # tiles per engine call
+    precision: str = "fp32"  # fp32 | bf16 | int8 | auto (what the backend and bundle offer)
+    gpu_id: int = 0
+    cache_dir: Path | None = None  # compiled-model cache (OpenVINO); None: the user's cache folder
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise TilecoreError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise TilecoreError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.max_batch < 1:
+            raise TilecoreError(f"max batch {self.max_batch}: expected >= 1")
+
+
+class Engine(Protocol):
+    provider: str  # what actually runs, e.g. "CPUExecutionProvider" or "OpenVINO CPU bf16"
+    max_batch: int
+
+    def run(self, tiles: np.ndarray) -> np.ndarray: ...
+
+
+def run_in_chunks(infer, tiles: np.ndarray, max_batch: int) -> np.ndarray:
+    """Call infer on at most max_batch tiles at a time; float32 out whatever the engine computed in."""
+    chunks = [infer(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def choose_providers(device: str, available: list[str], cache_dir: Path, gpu_id: int = 0) -> list:
+    """ONNX Runtime's provider list for `device`; a device asked for by name but absent is BackendMissing.
+
+    The TensorRT EP keeps its engines and its timing cache in `cache_dir` (inside the bundle), so only
+    the first session on a device pays the build; both GPU providers run on CUDA device `gpu_id`.
+    """
+    if device not in PROVIDERS:
+        raise TilecoreError(f"ONNX Runtime device {device!r}: expected one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[device] not in available:
+        raise BackendMissing(
             f"--device {device}: ONNX Runtime here has no {PROVIDERS[device]} (available: {', '.join(available)}); "
             "install the gpu extra with CUDA 12 / TensorRT 10 libraries, or use --device cpu"
         )
     providers: list = []
-    for name in wanted:
+    for name in dict.fromkeys([device, "cuda", "cpu"] if device == "tensorrt" else [device, "cpu"]):
         provider = PROVIDERS[name]
-        if provider not in available or provider in [p if isinstance(p, str) else p[0] for p in providers]:
+        if provider not in available:
             continue
         if name == "tensorrt":
-            options = {
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(cache_dir),
-                "trt_fp16_enable": False,
-            }
-            providers.append((provider, options))
+            cache = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}
+            cache |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}  # default path: CWD
+            providers.append((provider, {"device_id": gpu_id, **cache, "trt_fp16_enable": False}))
+        elif name == "cuda":
+            providers.append((provider, {"device_id": gpu_id}))
         else:
             providers.append(provider)
     return providers
 
 
-class Engine:
-    """One ONNX graph: normalised tiles [N, 3, h, w] -> patch embeddings [N, h', w', D] (float32)."""
+class OrtEngine:
+    """One ONNX graph run by ONNX Runtime on the provider `device` names."""
 
-    def __init__(self, path: Path, device: str = "auto", threads: int = 0, max_batch: int = 4) -> None:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = choose_providers(device, ort.get_available_providers(), path.parent / "trt_cache")
+    def __init__(self, path: Path, options: EngineOptions, device: str) -> None:
+        if options.precision == "bf16":
+            raise TilecoreError(
+                f"--precision bf16: ONNX Runtime's {device} provider has no bf16 convolutions; use --device openvino"
+            )
+        session_options = ort.SessionOptions()
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        cache_dir = path.parent / "trt_cache"
+        providers = choose_providers(device, ort.get_available_providers(), cache_dir, options.gpu_id)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise TilecoreError(f"engine {path.name}: cannot load ({str(exc).splitlines()[0][:200]})") from None
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
-        self.max_batch = max_batch
-        log.info("engine %s runs on %s", path.name, self.provider)
+        self.max_batch = options.max_batch
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
-        chunks = [
-            self.session.run(None, {self.input_name: tiles[i : i + self.max_batch]})[0]
-            for i in range(0, len(tiles), self.max_batch)
-        ]
-        return np.concatenate(chunks)
+        return run_in_chunks(lambda x: self.session.run(None, {self.input_name: x})[0], tiles, self.max_batch)
+
+
+def open_backend(path: Path, options: EngineOptions, device: str) -> Engine:
+    """The engine for one concrete device name (never `auto`)."""
+    if device == "openvino":
+        from tilecore.runtime.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(path, options)
+    if device == "tensorrt-native":
+        from tilecore.runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(path, options)
+    return OrtEngine(path, options, device)
+
+
+def open_engine(path: Path, options: EngineOptions) -> Engine:
+    """The engine for the ONNX graph at `path` on options.device; `auto` takes the first backend present."""
+    if options.device != "auto":
+        return open_backend(path, options, options.device)
+    for device in AUTO_ORDER:
+        try:
+            engine = open_backend(path, options, device)
+        except BackendMissing as missing:
+            log.debug("auto: %s", missing)
+            continue
+        log.info("engine %s runs on %s", path.name, engine.provider)
+        return engine
+    raise TilecoreError(f"engine {path.name}: no backend could load it")  # cpu is always present; kept for clarity

@@ -6,18 +6,19 @@ maps, merging, seam smoothing, normalisation and fusion (runtime.merge) -> thres
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from tilecore.runtime.engine import Engine
+from tilecore.runtime.engine import EngineOptions, open_engine
+from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer
 from tilecore.runtime.manifest import read_manifest
 from tilecore.runtime.merge import MemberCalibration, MergeRule, ensemble_result, score_locations
 from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
+from tilecore.runtime.stage_timer import StageTimer
 from tilecore.runtime.tiling import TileGrid
 
 
@@ -46,16 +47,39 @@ def move_indexes_to_gpu(scorers: list[BankScorer], device: str, gpu_id: int) -> 
     resources = faiss.StandardGpuResources()  # one for all indexes: a resource object per index exhausts memory
     resources.setTempMemory(256 * 1024 * 1024)
     moved: dict[int, faiss.Index] = {}
-    for scorer in scorers:  # stacked banks share one scorer; move each index once
-        if id(scorer.index) not in moved:
-            moved[id(scorer.index)] = faiss.index_cpu_to_gpu(resources, gpu_id, scorer.index)
+    for scorer in {id(s): s for s in scorers}.values():  # stacked banks repeat one scorer: visit it once
+        if id(scorer.index) not in moved:  # and scorers sharing an index move it once
+            try:
+                moved[id(scorer.index)] = faiss.index_cpu_to_gpu(resources, gpu_id, scorer.index)
+            except RuntimeError:  # FAISS has no GPU version of this index kind (HNSW): it stays on the CPU
+                moved[id(scorer.index)] = scorer.index
         scorer.index = moved[id(scorer.index)]
     return f"cuda:{gpu_id}"
 
 
+def engine_file(manifest: dict, engine: str, precision: str) -> str:
+    """The graph a member's engine runs at `precision`: the fp32 ONNX, or the bundle's int8 graph of it."""
+    if precision != "int8":
+        return engine
+    graphs = manifest.get("reduced_precision", {}).get("int8", {})
+    if engine not in graphs:
+        raise TilecoreError(
+            f"--precision int8: bundle has no int8 graph of {engine}; export with `tilecore export --precision int8`"
+        )
+    return graphs[engine]["file"]
+
+
 class Predictor:
+    """A loaded bundle: engines, FAISS indexes, calibration and thresholds, ready to score images."""
+
     def __init__(
-        self, bundle: str | Path, device: str = "auto", threads: int = 0, max_batch: int = 4, gpu_id: int = 0
+        self,
+        bundle: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        max_batch: int = 4,
+        gpu_id: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
@@ -68,14 +92,16 @@ class Predictor:
         self.rule = MergeRule(**{k: m["postprocess"][k] for k in rule_fields})
         self.calibrations = [MemberCalibration.from_dict(c) for c in m["calibration"]["members"]]
         self.thresholds = m["thresholds"]
+        options = EngineOptions(device, threads, max_batch, precision, gpu_id)
         self.engines = {
-            name: Engine(self.bundle / name, device, threads, max_batch) for name in {x["engine"] for x in m["members"]}
+            name: open_engine(self.bundle / engine_file(m, name, precision), options)
+            for name in {x["engine"] for x in m["members"]}
         }
         indexes = {name: faiss.read_index(str(self.bundle / name)) for x in m["members"] for name in set(x["banks"])}
         self.members = []
         for member in m["members"]:
             scorers = {
-                name: BankScorer.from_index(indexes[name], member["scoring"], member["num_neighbours"])
+                name: BankScorer.from_index(indexes[name], member["scoring"], member["num_neighbours"], name)
                 for name in set(member["banks"])
             }
             self.members.append((member, [scorers[name] for name in member["banks"]]))
@@ -85,44 +111,41 @@ class Predictor:
     def providers(self) -> list[str]:
         return sorted({engine.provider for engine in self.engines.values()})
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[Result]:
-        """RGB uint8 images [H, W, 3] -> one Result each."""
-        timings: dict[str, float] = {}
-        raw = []
-        for index, (member, scorers) in enumerate(self.members):
-            started = time.perf_counter()
-            spec = preprocess_from_manifest(member["preprocess"])
-            normalised = [normalise_rgb(image, spec) for image in images]  # [3, S, S] each
-            timings[f"preprocess_m{index}"] = time.perf_counter() - started
-            engine = self.engines[member["engine"]]
-            stage = {"engine": 0.0}
+    def predict_batch(self, images: list[np.ndarray], timer: StageTimer | None = None) -> list[Result]:
+        """RGB uint8 images [H, W, 3] -> one Result each.
 
-            def embed(locations: list[int], normalised=normalised, engine=engine, stage=stage) -> np.ndarray:
-                tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
+        Stage times (per image, ms) go into each Result: preprocess, tiling, "engine <file>",
+        "knn <bank file>", maps (tile maps: upsampling + blur) and merge (untiling, seams, normalisation,
+        fusion, thresholds). A caller's timer also receives them, summed over calls.
+        """
+        timer = timer if timer is not None else StageTimer()
+        before = dict(timer.seconds)
+        raw = []
+        for member, scorers in self.members:
+            with timer("preprocess"):
+                spec = preprocess_from_manifest(member["preprocess"])
+                normalised = [normalise_rgb(image, spec) for image in images]  # [3, S, S] each
+            engine = self.engines[member["engine"]]
+
+            def embed(locations: list[int], normalised=normalised, engine=engine, name=member["engine"]) -> np.ndarray:
+                with timer("tiling"):
+                    tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
                 b, t = tiles.shape[:2]  # [B, T', 3, in_h, in_w]
-                started = time.perf_counter()
-                embeddings = engine.run(tiles.reshape(b * t, *tiles.shape[2:]))  # [B*T', h, w, D]
-                stage["engine"] += time.perf_counter() - started
+                with timer(f"engine {name}"):
+                    embeddings = engine.run(tiles.reshape(b * t, *tiles.shape[2:]))  # [B*T', h, w, D]
                 return embeddings.reshape(b, t, *embeddings.shape[1:])
 
-            started = time.perf_counter()
             chunk = max(1, engine.max_batch // len(images))
-            raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk))
-            timings[f"engine_m{index}"] = stage["engine"]
-            timings[f"tiles_knn_maps_m{index}"] = time.perf_counter() - started - stage["engine"]
-        started = time.perf_counter()
-        scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
-        timings["merge"] = time.perf_counter() - started
-        per_image_ms = {k: round(1000 * v / len(images), 3) for k, v in timings.items()}
+            raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, timer))
+        with timer("merge"):
+            scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
+            labels = scores >= self.thresholds["image"]
+            masks = maps >= self.thresholds["pixel"]
+        spent = {k: v - before.get(k, 0.0) for k, v in timer.seconds.items()}
+        per_image_ms = {k: round(1000 * v / len(images), 3) for k, v in spent.items() if v > 0}
         return [
-            Result(
-                float(score),
-                bool(score >= self.thresholds["image"]),
-                anomaly_map,
-                anomaly_map >= self.thresholds["pixel"],
-                dict(per_image_ms),
-            )
-            for score, anomaly_map in zip(scores, maps, strict=True)
+            Result(float(score), bool(label), anomaly_map, mask, dict(per_image_ms))
+            for score, label, anomaly_map, mask in zip(scores, labels, maps, masks, strict=True)
         ]
 
     def predict(self, image: np.ndarray) -> Result:

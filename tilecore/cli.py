@@ -1,4 +1,4 @@
-"""The `tilecore` command line: data synth, train, eval, export, run.
+"""The `tilecore` command line: data synth, train, eval, export, run, bench.
 
 User mistakes (TilecoreError) print one line and exit with status 2; heavy libraries are imported
 inside the commands so `tilecore --help` stays fast and runtime-only installs keep working.
@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tilecore.runtime.errors import TilecoreError
@@ -119,11 +120,37 @@ def export(
     out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("bundle"),
     category: Annotated[str | None, typer.Option(help="Category to export (needed when the run has several).")] = None,
     index: Annotated[str, typer.Option(help="flat (exact), hnsw or ivfpq (approximate, recall measured).")] = "flat",
+    tensorrt: Annotated[bool, typer.Option(help="Also build a TensorRT engine per backbone on this GPU.")] = False,
+    fp16: Annotated[bool, typer.Option(help="TensorRT: allow fp16 kernels.")] = False,
+    int8: Annotated[bool, typer.Option(help="TensorRT: int8 from a Q/DQ graph calibrated on training tiles.")] = False,
+    workspace_gb: Annotated[float | None, typer.Option(help="TensorRT: builder workspace limit, GiB (2).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="TensorRT: most tiles per engine call (8).")] = None,
+    gpu_id: Annotated[int | None, typer.Option(help="TensorRT: CUDA device to build on (0).")] = None,
+    precision: Annotated[str, typer.Option(help="CPU engines besides fp32, comma-separated: int8, bf16.")] = "",
+    precision_floor: Annotated[float, typer.Option(help="Least label agreement with fp32 on validation.")] = 0.99,
 ) -> None:
     """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
+    from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack
+
+    asked = {"--fp16": fp16, "--int8": int8, "--workspace-gb": workspace_gb, "--max-batch": max_batch}
+    asked = {flag: value for flag, value in {**asked, "--gpu-id": gpu_id}.items() if value not in (None, False)}
+    if asked and not tensorrt:
+        raise TilecoreError(f"{', '.join(asked)}: options of the TensorRT engine build; add --tensorrt")
+    build = None
+    if tensorrt:
+        defaults = TensorRTBuild()
+        build = TensorRTBuild(
+            fp16,
+            int8,
+            defaults.workspace_gb if workspace_gb is None else workspace_gb,
+            defaults.max_batch if max_batch is None else max_batch,
+            defaults.gpu_id if gpu_id is None else gpu_id,
+        )
+        check_build_stack(build)  # a machine without the GPU stack gets its one line now, before torch loads
     from tilecore.export.bundle import export_run
 
-    manifest = export_run(run, out, category, index)
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    manifest = export_run(run, out, category, index, build, precisions, precision_floor)
     engines = sorted({m["engine"] for m in manifest["members"]})
     console.print(
         f"bundle written to {out}: {len(engines)} engine(s), {len(manifest['files']) - len(engines)} index(es)"
@@ -137,7 +164,10 @@ def run_bundle(
     out: Annotated[Path, typer.Option(help="Folder for results.jsonl, summary.json, overlays, masks.")] = Path(
         "predictions"
     ),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or tensorrt.")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda, tensorrt (ONNX Runtime's EP), tensorrt-native or openvino.")
+    ] = "auto",
+    gpu_id: Annotated[int, typer.Option(help="CUDA device for engines and FAISS indexes.")] = 0,
     batch: Annotated[int, typer.Option(help="Images scored together.")] = 4,
     threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
     overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
@@ -149,7 +179,7 @@ def run_bundle(
 
     if batch < 1:
         raise TilecoreError(f"--batch {batch}: expected >= 1")
-    predictor = Predictor(bundle, device, threads)
+    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id)
 
     def show(record: dict) -> None:
         if "error" in record:
@@ -162,6 +192,62 @@ def run_bundle(
     )
 
 
+@app.command()
+def bench(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle folders; several compare setups in one run.")],
+    device: Annotated[str, typer.Option(help="Backends, comma-separated: cpu, openvino, pytorch, cuda, ...")] = "cpu",
+    precision: Annotated[str, typer.Option(help="Precisions, comma-separated: fp32, bf16, int8, auto.")] = "fp32",
+    batch: Annotated[str, typer.Option(help="Batch sizes for throughput, comma-separated.")] = "1,8,16",
+    images: Annotated[Path | None, typer.Option(help="Folder of input images; omitted: synthetic ones.")] = None,
+    duration: Annotated[float, typer.Option(help="Upper bound in seconds for each figure.")] = 10.0,
+    min_images: Annotated[int, typer.Option(help="Images per figure (or until --duration).")] = 100,
+    threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
+    max_batch: Annotated[int, typer.Option(help="Tiles per engine call.")] = 16,
+    run: Annotated[str, typer.Option(help="Run dir for --device pytorch (default: the bundle's source run).")] = "",
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and the plots.")] = Path("bench"),
+    memory_sweep: Annotated[bool, typer.Option(help="Also measure memory vs resolution (needs torch).")] = False,
+    sweep_sizes: Annotated[str, typer.Option(help="Resolutions for --memory-sweep.")] = "256,512,1024,2048",
+    quick: Annotated[bool, typer.Option(help="A sub-minute smoke run: few images, short figures.")] = False,
+    work: Annotated[Path, typer.Option(help="Folder for synthetic inputs and sweep bundles (reused).")] = Path(
+        ".tilecore-bench"
+    ),
+) -> None:
+    """Latency, throughput, stage costs, efficiency and memory of bundles, per backend and precision."""
+    from tilecore.bench.plan import machine_description, parse_batches, parse_list, plan_jobs
+    from tilecore.bench.protocol import QUICK, Protocol
+    from tilecore.bench.report import write_report
+    from tilecore.bench.run_bench import run_all
+
+    protocol = QUICK if quick else Protocol(parse_batches(batch), duration, min_images, 3, max_batch)
+    devices, precisions = parse_list(device, "--device"), parse_list(precision, "--precision")
+    sizes = tuple(int(x) for x in parse_batches(sweep_sizes))
+    jobs, notes = plan_jobs(bundles, devices, precisions, protocol, work, images, threads, run, 4 if quick else 16)
+    report: dict = {
+        "machine": machine_description(),
+        "threads": threads,
+        "inputs": str(images) if images else "synthetic textures at each bundle's image size",
+        "protocol": protocol.to_dict(),
+        "notes": notes,
+    }
+    with progress_bar() as progress:
+        task = progress.add_task("bench", total=len(jobs))
+
+        def done(job, row: dict) -> None:
+            progress.advance(task)
+            if "error" in row:
+                console.print(f"[yellow]not measured[/] {job.label} {job.device} {job.precision}: {row['error']}")
+
+        report["rows"] = run_all(jobs, done)
+        if memory_sweep:
+            from tilecore.bench.memory_sweep import memory_sweep as sweep
+
+            sweep_task = progress.add_task("memory vs resolution", total=2 * len(sizes))
+            report["memory_sweep"] = sweep(work, sizes, threads, lambda row: progress.advance(sweep_task), progress)
+    files = write_report(report, out)
+    typer.echo((out / "bench.md").read_text())  # plain stdout: tables must not wrap at the terminal's width
+    console.print(f"written to {out}: {', '.join(files)}")
+
+
 def main() -> None:
     log = logging.getLogger("tilecore")
     log.setLevel(logging.INFO)
@@ -169,7 +255,7 @@ def main() -> None:
     try:
         app()
     except TilecoreError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]; finished parts are kept, re-run the command to resume")

@@ -1,0 +1,265 @@
+"""`tilecore export --tensorrt`: one serialized TensorRT 10 engine per ONNX backbone, built on this GPU.
+
+The builder parses the bundle's ONNX graph, adds one optimization profile over the batch axis (min 1,
+opt = max = --max-batch tiles; the rest of the shape comes from the graph), sets the workspace limit and
+the precision, and writes `backbone_<hash>.<gpu-slug>.engine` next to the graph. Its EngineRecord
+(TensorRT version, GPU name and compute capability, precision, profile) goes into the manifest.
+
+Precision -> network and flags:
+- fp32: weakly typed network, TF32 cleared, so fp32 really computes in fp32 (parity with ONNX Runtime).
+- fp16: BuilderFlag.FP16 (TensorRT 10; TensorRT 11 removed the flag, hence the pin to 10).
+- int8: a strongly typed network from a Q/DQ graph; no precision flags (TensorRT's documented way for
+  explicit quantization); layers outside the Q/DQ pairs stay fp32.
+- int8+fp16: the Q/DQ graph in a weakly typed network with the INT8 and FP16 flags, so the layers
+  outside the Q/DQ pairs may run in fp16.
+
+INT8 uses explicit quantization (a Q/DQ graph), not IInt8EntropyCalibrator2, because:
+- TensorRT deprecated the calibrator classes in 10.1 and removed them, with the INT8 flag, in 11: a
+  Q/DQ graph is the form TensorRT keeps building from;
+- the scales are computed on the CPU by ONNX Runtime's static quantizer (entropy calibration, the same
+  criterion as IInt8EntropyCalibrator2; symmetric int8 as TensorRT requires, per-channel weights,
+  biases kept in float), so the quantized graph is made and checked without a GPU: ONNX Runtime runs
+  it, and its embedding error against the fp32 graph is written into the engine's record;
+- no calibrator class with its own device buffers and calibration cache to maintain.
+Calibration tiles come from the run's training images (normal images, never test ones), cut by the
+runtime's own preprocessing and tiling, so the quantizer sees exactly what the engine will.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
+from tilecore.runtime.tensorrt_compat import EngineRecord, GpuInfo, Profile, engine_file_name, profile_shapes
+from tilecore.runtime.tiling import TileGrid
+
+WHO = "--tensorrt"
+
+
+@dataclass(frozen=True)
+class TensorRTBuild:
+    """What `tilecore export --tensorrt [--fp16] [--int8] [--workspace-gb N] [--max-batch N]` asks for."""
+
+    fp16: bool = False
+    int8: bool = False
+    workspace_gb: float = 2.0
+    max_batch: int = 8
+    gpu_id: int = 0
+    calibration_tiles: int = 128  # INT8 only: tiles of training images the quantizer calibrates on
+
+    def __post_init__(self) -> None:
+        if not self.workspace_gb > 0:
+            raise TilecoreError(f"--workspace-gb {self.workspace_gb}: expected > 0")
+        if self.max_batch < 1:
+            raise TilecoreError(f"--max-batch {self.max_batch}: expected >= 1")
+        if self.calibration_tiles < 1:
+            raise TilecoreError(f"calibration tiles {self.calibration_tiles}: expected >= 1")
+
+    @property
+    def precision(self) -> str:
+        return {(False, False): "fp32", (True, False): "fp16", (False, True): "int8", (True, True): "int8+fp16"}[
+            (self.fp16, self.int8)
+        ]
+
+
+@dataclass(frozen=True)
+class BuildStack:
+    trt: ModuleType
+    gpu: GpuInfo
+
+
+def check_build_stack(build: TensorRTBuild) -> BuildStack:
+    """tensorrt, cuda-python, the GPU (and for INT8 the quantizer), or one line naming what is missing.
+
+    Called before any export work, so a machine without the GPU stack fails in a second, not after
+    writing the ONNX graphs and indexes.
+    """
+    trt = import_tensorrt(WHO)
+    cudart = import_cudart(WHO)
+    gpu = gpu_info(cudart, build.gpu_id, WHO)
+    if build.int8:
+        try:
+            import onnx  # noqa: F401
+            from onnxruntime.quantization import quantize_static  # noqa: F401
+        except ImportError as exc:
+            raise TilecoreError(f"--int8: the quantizer needs {exc.name} (install the export extra)") from None
+    cuda_call(cudart.cudaSetDevice(gpu.index), "cudaSetDevice")  # the builder times kernels on this GPU
+    return BuildStack(trt, gpu)
+
+
+def network_flags(trt: ModuleType, precision: str) -> int:
+    """create_network flags: strongly typed for pure INT8 (the Q/DQ graph decides every type), else none."""
+    if precision == "int8":
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0  # TensorRT 10 networks are always explicit-batch
+
+
+def builder_flags(precision: str) -> list[str]:
+    """BuilderFlag names to set for a precision (a strongly typed network takes none)."""
+    return {"fp32": [], "fp16": ["FP16"], "int8": [], "int8+fp16": ["INT8", "FP16"]}[precision]
+
+
+def build_plan(
+    trt: ModuleType, onnx_path: Path, precision: str, max_batch: int, workspace_gb: float
+) -> tuple[bytes, Profile, str]:
+    """ONNX graph -> (serialized engine, its batch profile, output tensor name)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt, precision))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise TilecoreError(f"{WHO}: TensorRT cannot parse {onnx_path.name} ({errors[0] if errors else 'no detail'})")
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise TilecoreError(f"{WHO}: {onnx_path.name} has {network.num_inputs} inputs, expected one image batch")
+    tensor = network.get_input(0)
+    profile = profile_shapes(tensor.name, tuple(tensor.shape), max_batch)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(trt_profile)
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in builder_flags(precision):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise TilecoreError(f"{WHO}: TensorRT could not build an engine for {onnx_path.name} (see its log above)")
+    return bytes(plan), profile, network.get_output(0).name
+
+
+def training_images(run_dir: Path, category: str) -> list[str]:
+    """The run's training images of a category (the normal images its banks were fitted on)."""
+    return json.loads((run_dir / category / "split.json").read_text())["train"]
+
+
+def calibration_tiles(
+    images: list[str], preprocess: Preprocess, grid: TileGrid, input_hw: tuple[int, int], limit: int
+) -> np.ndarray:
+    """Backbone inputs [n <= limit, 3, in_h, in_w] from evenly spaced images, every tile location of each."""
+    if not images:
+        raise TilecoreError("--int8: the run lists no training images to calibrate on")
+    wanted = min(len(images), math.ceil(limit / grid.count))
+    picks = np.linspace(0, len(images) - 1, wanted).round().astype(int)
+    locations = list(range(grid.count))
+    tiles = [tiles_at(normalise_rgb(read_rgb(images[i]), preprocess), grid, locations, input_hw) for i in picks]
+    return np.concatenate(tiles)[:limit]  # [images * T, 3, in_h, in_w] -> at most `limit` tiles
+
+
+def write_qdq_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, batch: int) -> None:
+    """The fp32 graph with symmetric int8 QuantizeLinear/DequantizeLinear pairs calibrated on `tiles`."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+
+    class TileReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            whole = max(batch, len(tiles) - len(tiles) % batch)  # entropy calibration needs equal batch shapes
+            self.batches = iter([tiles[i : i + batch] for i in range(0, min(whole, len(tiles)), batch)])
+
+        def get_next(self) -> dict | None:
+            chunk = next(self.batches, None)
+            return None if chunk is None else {input_name: chunk}
+
+    root = logging.getLogger()  # the quantizer prints progress and logs advice on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(onnx_path),
+                str(out_path),
+                TileReader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.Entropy,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+            )
+    finally:
+        root.setLevel(level)
+
+
+def relative_error(reference: Path, candidate: Path, tiles: np.ndarray) -> float:
+    """||candidate(tiles) - reference(tiles)|| / ||reference(tiles)|| with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    outputs = []
+    for path in (reference, candidate):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: tiles})[0])
+    return float(np.linalg.norm(outputs[1] - outputs[0]) / max(np.linalg.norm(outputs[0]), 1e-12))
+
+
+def build_engine(onnx_path: Path, build: TensorRTBuild, stack: BuildStack, tiles: np.ndarray | None) -> EngineRecord:
+    """Write the engine for `onnx_path` beside it; `tiles` (INT8 only) are the calibration inputs."""
+    calibration = None
+    with tempfile.TemporaryDirectory(prefix="tilecore-qdq-") as tmp:
+        source = onnx_path
+        if build.int8:
+            if tiles is None or not len(tiles):
+                raise TilecoreError("--int8: no calibration tiles")
+            source = Path(tmp) / onnx_path.name
+            write_qdq_graph(onnx_path, source, tiles, build.max_batch)
+            probe = tiles[: build.max_batch]
+            calibration = {
+                "method": "onnxruntime static quantization, entropy, symmetric int8, per-channel weights",
+                "tiles": int(len(tiles)),
+                "qdq_relative_error": round(relative_error(onnx_path, source, probe), 6),
+            }
+        plan, profile, output_name = build_plan(stack.trt, source, build.precision, build.max_batch, build.workspace_gb)
+    name = engine_file_name(onnx_path.name, stack.gpu)
+    (onnx_path.parent / name).write_bytes(plan)  # the bundle's staging folder: renamed into place at the end
+    return EngineRecord(
+        onnx=onnx_path.name,
+        engine=name,
+        tensorrt_version=stack.trt.__version__,
+        gpu_name=stack.gpu.name,
+        compute_capability=stack.gpu.compute_capability,
+        precision=build.precision,
+        profile=profile,
+        output_name=output_name,
+        workspace_gb=build.workspace_gb,
+        int8_calibration=calibration,
+    )
+
+
+def engine_for_run(
+    onnx_path: Path,
+    build: TensorRTBuild,
+    stack: BuildStack,
+    run_dir: Path,
+    category: str,
+    preprocess: Preprocess,
+    grid: TileGrid,
+    input_hw: tuple[int, int],
+) -> EngineRecord:
+    """build_engine with calibration tiles cut from the run's training images when INT8 is asked for."""
+    tiles = None
+    if build.int8:
+        images = training_images(run_dir, category)
+        tiles = calibration_tiles(images, preprocess, grid, input_hw, build.calibration_tiles)
+    return build_engine(onnx_path, build, stack, tiles)

@@ -1,0 +1,131 @@
+"""What ties a TensorRT engine to one machine, and the check the runtime makes before loading it.
+
+A serialized TensorRT plan runs only under the TensorRT version that built it and on the GPU model it
+was built for. The exporter writes one EngineRecord per engine into manifest["tensorrt"]; the runtime
+compares the record with the TensorRT and GPU it finds and, on any difference, names it in one line and
+falls back to the ONNX graph. Pure Python: nothing here imports tensorrt or CUDA, so all of it is
+tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tilecore.runtime.errors import TilecoreError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8+fp16")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int  # CUDA device id
+    name: str  # e.g. "NVIDIA A10" or "Orin"
+    compute_capability: str  # "major.minor", e.g. "8.7"
+
+    @property
+    def sm(self) -> str:
+        return "sm" + self.compute_capability.replace(".", "")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The optimization profile over the batch axis: input shapes [batch, 3, h, w] at min / opt / max."""
+
+    input_name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    @property
+    def max_batch(self) -> int:
+        return self.max[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": self.input_name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Profile:
+        return cls(raw["input"], tuple(raw["min"]), tuple(raw["opt"]), tuple(raw["max"]))
+
+
+def profile_shapes(input_name: str, input_shape: tuple, max_batch: int, opt_batch: int | None = None) -> Profile:
+    """Profile for an ONNX input [batch, C, H, W] whose batch axis is dynamic (-1 or a name), the rest fixed.
+
+    min is one image, max is `max_batch`, opt defaults to max: the runtime fills whole batches except the last.
+    """
+    if len(input_shape) != 4:
+        raise TilecoreError(f"TensorRT profile: input {input_name} has shape {input_shape}, expected [batch, C, H, W]")
+    rest = tuple(input_shape[1:])
+    if not all(isinstance(d, int) and d > 0 for d in rest):
+        raise TilecoreError(f"TensorRT profile: input {input_name} {input_shape}: only the batch axis may be dynamic")
+    if isinstance(input_shape[0], int) and input_shape[0] > 0:
+        raise TilecoreError(f"TensorRT profile: input {input_name} has fixed batch {input_shape[0]}, expected dynamic")
+    opt_batch = max_batch if opt_batch is None else opt_batch
+    if max_batch < 1 or not 1 <= opt_batch <= max_batch:
+        raise TilecoreError(f"--max-batch {max_batch}: expected >= 1 (and 1 <= opt <= max, got opt {opt_batch})")
+    return Profile(input_name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """manifest["tensorrt"][i]: one serialized engine and what it needs to run."""
+
+    onnx: str  # the ONNX graph it was built from (the runtime's fallback)
+    engine: str  # file name inside the bundle
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str  # one of PRECISIONS
+    profile: Profile
+    output_name: str
+    workspace_gb: float
+    int8_calibration: dict[str, Any] | None = None  # how the Q/DQ scales were found, and the error they cost
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "profile": self.profile.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> EngineRecord:
+        return cls(**{**raw, "profile": Profile.from_dict(raw["profile"])})
+
+
+def gpu_slug(gpu: GpuInfo) -> str:
+    """File-name-safe GPU tag: "NVIDIA A10", 8.6 -> "nvidia-a10-sm86"."""
+    name = re.sub(r"[^a-z0-9]+", "-", gpu.name.lower()).strip("-") or "gpu"
+    return f"{name}-{gpu.sm}"
+
+
+def engine_file_name(onnx_name: str, gpu: GpuInfo) -> str:
+    """backbone_<hash>.onnx -> backbone_<hash>.<gpu-slug>.engine"""
+    stem = onnx_name.removesuffix(".onnx")
+    return f"{stem}.{gpu_slug(gpu)}.engine"
+
+
+def check_compatible(record: EngineRecord, tensorrt_version: str, gpu: GpuInfo) -> str | None:
+    """None when the engine can load here, else the one-line reason it cannot."""
+    built = f"{record.gpu_name} ({record.compute_capability}) with TensorRT {record.tensorrt_version}"
+    if record.tensorrt_version != tensorrt_version:
+        return f"{record.engine} was built with TensorRT {record.tensorrt_version}, this is TensorRT {tensorrt_version}"
+    if record.compute_capability != gpu.compute_capability:
+        return f"{record.engine} was built for {built}, this GPU is {gpu.name} ({gpu.compute_capability})"
+    if record.gpu_name != gpu.name:
+        return f"{record.engine} was built on {record.gpu_name}, this GPU is {gpu.name}; rebuild it on this model"
+    return None
+
+
+def records_for(manifest: dict[str, Any], onnx_name: str) -> list[EngineRecord]:
+    """Every engine the bundle holds for one ONNX graph (one per GPU model it was exported on)."""
+    return [EngineRecord.from_dict(r) for r in manifest.get("tensorrt", []) if r["onnx"] == onnx_name]
+
+
+def choose_record(records: list[EngineRecord], tensorrt_version: str, gpu: GpuInfo) -> tuple[EngineRecord | None, str]:
+    """The first record that loads here, or (None, the reason the first one does not)."""
+    reasons = []
+    for record in records:
+        reason = check_compatible(record, tensorrt_version, gpu)
+        if reason is None:
+            return record, ""
+        reasons.append(reason)
+    return None, reasons[0] if reasons else "no TensorRT engine"

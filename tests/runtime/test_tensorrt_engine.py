@@ -1,0 +1,297 @@
+"""The GPU path of the runtime on a CPU machine: engine records and the compatibility check, the fallback
+order, the native TensorRT backend's data path through fake tensorrt / cuda modules, FAISS on GPU through
+a fake faiss, and (marked `gpu`, skipped here) the same checks on a real GPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import gpu_fakes
+from tilecore.export.bundle import export_run
+from tilecore.export.tensorrt_build import TensorRTBuild
+from tilecore.runtime import engine as engine_module
+from tilecore.runtime import predictor as predictor_module
+from tilecore.runtime.engine import AUTO_ORDER, BackendMissing, EngineOptions, choose_providers, open_engine
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.knn import BankScorer
+from tilecore.runtime.predictor import Predictor, move_indexes_to_gpu
+from tilecore.runtime.tensorrt_compat import (
+    EngineRecord,
+    GpuInfo,
+    Profile,
+    check_compatible,
+    choose_record,
+    engine_file_name,
+)
+from tilecore.runtime.tensorrt_engine import TensorRTEngine
+
+A10 = ("NVIDIA Fake A10", 8, 6)
+ORIN = ("NVIDIA Fake Orin", 8, 7)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny run exported twice: with an fp32 TensorRT engine (built by the fake on A10) and without."""
+    root = tmp_path_factory.mktemp("trt_runtime")
+    run = gpu_fakes.tiny_run(root)
+    with pytest.MonkeyPatch.context() as patch:
+        gpu_fakes.install(patch, gpus=[A10])
+        export_run(run, root / "trt", tensorrt=TensorRTBuild(max_batch=4))
+    export_run(run, root / "plain")
+    return {"trt": root / "trt", "plain": root / "plain", "data": root / "data"}
+
+
+def onnx_of(bundle: Path) -> Path:
+    return bundle / json.loads((bundle / "manifest.json").read_text())["members"][0]["engine"]
+
+
+def sample_images(bundles: dict) -> list[np.ndarray]:
+    return [read_rgb(p) for p in sorted((bundles["data"] / "gravel" / "test").glob("*/*.png"))]
+
+
+def record(**changes: object) -> EngineRecord:
+    base = EngineRecord(
+        onnx="backbone_ab.onnx",
+        engine="backbone_ab.nvidia-a10-sm86.engine",
+        tensorrt_version="10.8.0.43",
+        gpu_name="NVIDIA A10",
+        compute_capability="8.6",
+        precision="fp16",
+        profile=Profile("images", (1, 3, 64, 64), (8, 3, 64, 64), (8, 3, 64, 64)),
+        output_name="embeddings",
+        workspace_gb=2.0,
+    )
+    return EngineRecord(**{**base.__dict__, **changes})
+
+
+def test_compatibility_check_names_the_mismatch() -> None:
+    a10 = GpuInfo(0, "NVIDIA A10", "8.6")
+    assert check_compatible(record(), "10.8.0.43", a10) is None
+    reason = check_compatible(record(), "10.9.0.34", a10)
+    assert "TensorRT 10.8.0.43" in reason and "TensorRT 10.9.0.34" in reason
+    reason = check_compatible(record(), "10.8.0.43", GpuInfo(0, "Orin", "8.7"))
+    assert "NVIDIA A10 (8.6)" in reason and "Orin (8.7)" in reason
+    reason = check_compatible(record(), "10.8.0.43", GpuInfo(1, "NVIDIA A10G", "8.6"))
+    assert "NVIDIA A10G" in reason and "rebuild" in reason
+    orin = record(gpu_name="Orin", compute_capability="8.7", engine="backbone_ab.orin-sm87.engine")
+    assert choose_record([record(), orin], "10.8.0.43", GpuInfo(0, "Orin", "8.7")) == (orin, "")
+    chosen, reason = choose_record([record()], "10.8.0.43", GpuInfo(0, "Orin", "8.7"))
+    assert chosen is None and "Orin (8.7)" in reason
+
+
+def test_record_round_trips_and_names_its_gpu() -> None:
+    original = record(int8_calibration={"tiles": 64, "qdq_relative_error": 0.01})
+    assert EngineRecord.from_dict(json.loads(json.dumps(original.to_dict()))) == original
+    gpu = GpuInfo(0, "NVIDIA Jetson AGX Orin", "8.7")
+    assert engine_file_name("backbone_ab.onnx", gpu) == "backbone_ab.nvidia-jetson-agx-orin-sm87.engine"
+
+
+def test_auto_walks_the_fallback_order(monkeypatch) -> None:
+    tried = []
+
+    def fake_backend(path: Path, options: EngineOptions, device: str) -> object:
+        tried.append(device)
+        if device != "cpu":
+            raise BackendMissing(f"--device {device}: absent in this test")
+        return types.SimpleNamespace(provider="CPUExecutionProvider", max_batch=options.max_batch)
+
+    monkeypatch.setattr(engine_module, "open_backend", fake_backend)
+    assert open_engine(Path("backbone_x.onnx"), EngineOptions("auto")).provider == "CPUExecutionProvider"
+    assert tried == list(AUTO_ORDER) and AUTO_ORDER[:3] == ("tensorrt-native", "tensorrt", "cuda")
+    with pytest.raises(BackendMissing):
+        open_engine(Path("backbone_x.onnx"), EngineOptions("tensorrt-native"))  # asked by name: no fallback
+
+
+def test_native_engine_matches_onnx_runtime_without_per_batch_allocation(bundles: dict, monkeypatch) -> None:
+    trt, cudart = gpu_fakes.install(monkeypatch, gpus=[A10])
+    path = onnx_of(bundles["trt"])
+    native = open_engine(path, EngineOptions("tensorrt-native", max_batch=3))
+    assert isinstance(native, TensorRTEngine) and native.max_batch == 3
+    assert native.provider == f"TensorRT {trt.__version__} fp32 on NVIDIA Fake A10 (cuda:0)"
+    cpu = open_engine(path, EngineOptions("cpu"))
+    tiles = np.random.default_rng(0).normal(size=(7, 3, 32, 32)).astype(np.float32)
+    allocations = dict(cudart.calls)
+    first = native.run(tiles)
+    np.testing.assert_allclose(first, cpu.run(tiles), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(native.run(tiles[:2]), first[:2])
+    (context,) = trt.contexts
+    assert context.shapes_set[1:] == [(3, 3, 32, 32), (3, 3, 32, 32), (1, 3, 32, 32), (2, 3, 32, 32)]
+    assert context.streams == {native.stream} and cudart.calls["cudaStreamCreate"] == 1
+    for call in ("cudaMalloc", "cudaMallocHost"):
+        assert cudart.calls[call] == allocations[call] == 2  # input + output, allocated once
+    assert cudart.calls["cudaMemcpyHostToDevice"] == cudart.calls["cudaMemcpyDeviceToHost"] == 4
+    native.close()
+    assert cudart.buffers == {} and cudart.streams == set()
+    wide = open_engine(path, EngineOptions("tensorrt-native", max_batch=64))
+    assert wide.max_batch == 4  # the engine's profile caps the batch
+
+
+def test_profile_comes_from_the_manifest_and_must_match_the_engine(bundles: dict, tmp_path: Path, monkeypatch) -> None:
+    gpu_fakes.install(monkeypatch, gpus=[A10])
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["trt"], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (entry,) = manifest["tensorrt"]
+    assert entry["profile"] == {"input": "images", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32]}
+    entry["profile"]["max"] = [2, 3, 32, 32]  # a record that no longer describes its engine
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TilecoreError, match="profile .* differs from its manifest record"):
+        open_engine(onnx_of(bundle), EngineOptions("tensorrt-native"))
+
+
+@pytest.mark.parametrize(
+    ("fakes", "reason"),
+    [
+        ({"gpus": [ORIN]}, "this GPU is NVIDIA Fake Orin (8.7)"),
+        ({"gpus": [A10], "version": "10.98.0.1"}, "this is TensorRT 10.98.0.1"),
+    ],
+)
+def test_mismatch_falls_back_with_one_warning(bundles: dict, monkeypatch, caplog, fakes: dict, reason: str) -> None:
+    gpu_fakes.install(monkeypatch, **fakes)
+    images = sample_images(bundles)
+    with caplog.at_level(logging.WARNING, logger="tilecore"):
+        predictor = Predictor(bundles["trt"], device="auto")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "tilecore"]
+    assert len(warnings) == 1 and reason in warnings[0] and "\n" not in warnings[0]
+    assert not any("TensorRT" in p for p in predictor.providers)
+    expected = [r.score for r in Predictor(bundles["trt"], device="cpu").predict_batch(images)]
+    np.testing.assert_allclose([r.score for r in predictor.predict_batch(images)], expected, rtol=1e-4)
+    with pytest.raises(BackendMissing, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        Predictor(bundles["trt"], device="tensorrt-native")
+
+
+def test_auto_runs_the_native_engine_on_the_chosen_gpu(bundles: dict, monkeypatch) -> None:
+    trt, cudart = gpu_fakes.install(monkeypatch, gpus=[ORIN, A10])
+    images = sample_images(bundles)
+    predictor = Predictor(bundles["trt"], device="auto", gpu_id=1)
+    assert predictor.providers == [f"TensorRT {trt.__version__} fp32 on NVIDIA Fake A10 (cuda:1)"]
+    assert cudart.device == 1
+    expected = [r.score for r in Predictor(bundles["trt"], device="cpu").predict_batch(images)]
+    np.testing.assert_allclose([r.score for r in predictor.predict_batch(images)], expected, rtol=1e-5)
+    assert not any("TensorRT" in p for p in Predictor(bundles["trt"], device="auto", gpu_id=0).providers)
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"tensorrt": None}, "the tensorrt Python package is not installed"),
+        ({"cuda.bindings": None, "cuda.bindings.runtime": None}, "the cuda-python package is not installed"),
+        ({"driver_error": gpu_fakes.CudaErr.cudaErrorNoDevice}, "no usable CUDA GPU or driver (cudaErrorNoDevice)"),
+        ({"gpu_id": 2}, "--gpu-id 2 requested, this machine has 1 GPU(s)"),
+        ({"bundle": "plain"}, "the bundle has no TensorRT engine for backbone_"),
+    ],
+)
+def test_missing_pieces_are_named_and_auto_falls_back(bundles: dict, monkeypatch, state: dict, message: str) -> None:
+    gpu_fakes.install(monkeypatch, **({"driver_error": state["driver_error"]} if "driver_error" in state else {}))
+    for module in ("tensorrt", "cuda.bindings", "cuda.bindings.runtime"):
+        if module in state:
+            monkeypatch.setitem(sys.modules, module, None)
+    path = onnx_of(bundles[state.get("bundle", "trt")])
+    gpu_id = state.get("gpu_id", 0)
+    with pytest.raises(BackendMissing) as caught:
+        open_engine(path, EngineOptions("tensorrt-native", gpu_id=gpu_id))
+    assert str(caught.value).startswith("--device tensorrt-native: ") and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not isinstance(open_engine(path, EngineOptions("auto", gpu_id=gpu_id)), TensorRTEngine)
+
+
+def test_tensorrt_execution_provider_options(tmp_path: Path) -> None:
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    (trt_name, trt_options), (cuda_name, cuda_options), cpu = choose_providers("tensorrt", available, tmp_path, 2)
+    assert (trt_name, cuda_name, cpu) == tuple(available)
+    assert trt_options["device_id"] == 2 and cuda_options == {"device_id": 2}
+    assert trt_options["trt_engine_cache_enable"] and trt_options["trt_engine_cache_path"] == str(tmp_path)
+    assert trt_options["trt_timing_cache_enable"] and trt_options["trt_timing_cache_path"] == str(tmp_path)
+    assert trt_options["trt_fp16_enable"] is False
+    with pytest.raises(BackendMissing, match="no TensorrtExecutionProvider"):
+        choose_providers("tensorrt", ["CPUExecutionProvider"], tmp_path)
+
+
+def test_faiss_indexes_share_one_bounded_gpu_resource(monkeypatch) -> None:
+    resources, moved = [], []
+
+    class Resources:
+        def __init__(self) -> None:
+            resources.append(self)
+
+        def setTempMemory(self, size: int) -> None:  # noqa: N802 - FAISS's name
+            self.temp = size
+
+    def to_gpu(res: Resources, device: int, index: object) -> tuple:
+        if index is hnsw.index:
+            raise RuntimeError("not implemented on GPU")  # what FAISS says for HNSW
+        moved.append((res, device, index))
+        return ("gpu", index)
+
+    fake = types.SimpleNamespace(StandardGpuResources=Resources, get_num_gpus=lambda: 2, index_cpu_to_gpu=to_gpu)
+    monkeypatch.setattr(predictor_module, "faiss", fake)
+    banks = [BankScorer.from_bank(np.eye(4, dtype=np.float32)) for _ in range(3)]
+    hnsw = BankScorer.from_bank(np.eye(4, dtype=np.float32))
+    cpu_index = hnsw.index
+    scorers = [banks[0], banks[1], banks[2], banks[0], hnsw]  # a stacked bank serves two locations
+    assert move_indexes_to_gpu(scorers, "auto", gpu_id=1) == "cuda:1"
+    assert len(resources) == 1 and 0 < resources[0].temp <= 512 * 2**20
+    assert len(moved) == 3 and {device for _, device, _ in moved} == {1}
+    assert scorers[0].index is scorers[3].index and scorers[0].index == ("gpu", moved[0][2])
+    assert hnsw.index is cpu_index  # no GPU version: kept on the CPU instead of failing the load
+    assert move_indexes_to_gpu(scorers, "cpu", gpu_id=0) == "cpu"
+    assert move_indexes_to_gpu(scorers, "auto", gpu_id=2) == "cpu"  # no such GPU: stays on the CPU
+
+
+def real_gpu_missing() -> str | None:
+    """Why the real-GPU tests cannot run here (None when tensorrt, cuda-python and a GPU are all present)."""
+    from tilecore.runtime.gpu_stack import gpu_info, import_cudart, import_tensorrt
+
+    try:
+        import_tensorrt("gpu tests")
+        gpu_info(import_cudart("gpu tests"), 0, "gpu tests")
+    except TilecoreError as missing:
+        return str(missing)
+    return None
+
+
+GPU_MISSING = real_gpu_missing()
+needs_gpu = pytest.mark.skipif(GPU_MISSING is not None, reason=f"needs an NVIDIA GPU with TensorRT: {GPU_MISSING}")
+
+
+@pytest.fixture(scope="module")
+def real_gpu_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gpu_fakes.tiny_run(tmp_path_factory.mktemp("trt_gpu"))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("fp16", "tolerance"), [(False, 1e-3), (True, 1e-2)])
+def test_real_engine_matches_onnx_runtime_cpu(real_gpu_run: Path, tmp_path: Path, fp16: bool, tolerance: float) -> None:
+    export_run(real_gpu_run, tmp_path / "b", tensorrt=TensorRTBuild(fp16=fp16, max_batch=4))
+    path = onnx_of(tmp_path / "b")
+    tiles = np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    expected = open_engine(path, EngineOptions("cpu")).run(tiles)
+    got = open_engine(path, EngineOptions("tensorrt-native")).run(tiles)
+    assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_real_engine_scores_match_pytorch(real_gpu_run: Path, tmp_path: Path) -> None:
+    from tilecore.train.ensemble import load_category_model
+    from tilecore.train.model import load_embedder
+    from tilecore.train.run_dir import load_run_config
+
+    export_run(real_gpu_run, tmp_path / "b", tensorrt=TensorRTBuild(max_batch=4))
+    config = load_run_config(real_gpu_run)
+    model = load_category_model(config, real_gpu_run, "gravel", [load_embedder(config, real_gpu_run, 0)])
+    images = [read_rgb(p) for p in sorted((real_gpu_run.parent / "data" / "gravel" / "test").glob("*/*.png"))]
+    torch_scores, _ = model.predict(images)
+    predictor = Predictor(tmp_path / "b", device="tensorrt-native")
+    scores = np.array([r.score for r in predictor.predict_batch(images)])
+    assert np.abs(scores - torch_scores).max() <= 1e-3 * (torch_scores.max() - torch_scores.min())
