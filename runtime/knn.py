@@ -41,6 +41,7 @@ class BankScorer:
     bank: np.ndarray  # [n, D] float32, needed by the reweighting rule
     rule: str = RULE_NEAREST
     num_neighbours: int = 1
+    name: str = "bank"  # the bank's file name in a bundle; labels its kNN timing
 
     @classmethod
     def from_bank(cls, bank: np.ndarray, rule: str = RULE_NEAREST, num_neighbours: int = 1) -> BankScorer:
@@ -52,14 +53,16 @@ class BankScorer:
         return cls(build_flat_index(bank), bank, rule, num_neighbours)
 
     @classmethod
-    def from_index(cls, index: faiss.Index, rule: str = RULE_NEAREST, num_neighbours: int = 1) -> BankScorer:
+    def from_index(
+        cls, index: faiss.Index, rule: str = RULE_NEAREST, num_neighbours: int = 1, name: str = "bank"
+    ) -> BankScorer:
         """A scorer over a loaded exact index (the bank is read back for the reweighting rule)."""
         scorer = cls.from_bank(np.zeros((1, index.d), dtype=np.float32), rule, num_neighbours)  # validates
         if rule == RULE_REWEIGHTED and num_neighbours > 1:
             bank = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal))  # exact and HNSW indexes only
         else:
             bank = np.zeros((0, index.d), dtype=np.float32)  # the nearest rule never reads the bank
-        return cls(index, bank, scorer.rule, num_neighbours)
+        return cls(index, bank, scorer.rule, num_neighbours, name)
 
     def score(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Patch embeddings [B, h, w, D] -> (patch scores [B, h, w], image scores [B])."""

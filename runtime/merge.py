@@ -16,6 +16,7 @@ import numpy as np
 from tilecore.runtime.anomaly_map import patch_scores_to_map
 from tilecore.runtime.calibration import FUSION_RULES, NormalStats, fuse, normalise_outputs
 from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.stage_timer import StageTimer
 from tilecore.runtime.tiling import TileGrid, smooth_seams, untile_mean
 
 IMAGE_SCORE_RULES = ("mean", "max")
@@ -64,22 +65,31 @@ def tile_outputs(patch_scores: np.ndarray, tile_scores: np.ndarray, grid: TileGr
 
 
 def score_locations(
-    embed: Callable[[list[int]], np.ndarray], scorers: list, grid: TileGrid, sigma: float, chunk: int
+    embed: Callable[[list[int]], np.ndarray],
+    scorers: list,
+    grid: TileGrid,
+    sigma: float,
+    chunk: int,
+    timer: StageTimer | None = None,
 ) -> TileOutputs:
     """One member's raw TileOutputs, each tile location against its own bank.
 
     `embed(locations)` returns the batch's patch embeddings at those locations, [B, T', h, w, D]; asking
     for `chunk` locations at a time keeps memory at a few tiles' embeddings however large the grid.
+    The timer, when given, gets each bank's kNN time ("knn <bank name>") and the tile maps' ("maps").
     """
+    timer = timer or StageTimer()
     patch_scores, tile_scores = [], []
     for start in range(0, grid.count, chunk):
         locations = list(range(start, min(start + chunk, grid.count)))
         embeddings = embed(locations)  # [B, T', h, w, D]
         for j, location in enumerate(locations):
-            patches, scores = scorers[location].score(embeddings[:, j])  # [B, h, w], [B]
+            with timer(f"knn {scorers[location].name}"):
+                patches, scores = scorers[location].score(embeddings[:, j])  # [B, h, w], [B]
             patch_scores.append(patches)
             tile_scores.append(scores)
-    return tile_outputs(np.stack(patch_scores, axis=1), np.stack(tile_scores, axis=1), grid, sigma)
+    with timer("maps"):
+        return tile_outputs(np.stack(patch_scores, axis=1), np.stack(tile_scores, axis=1), grid, sigma)
 
 
 def merge_tiles(outputs: TileOutputs, grid: TileGrid, rule: MergeRule) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import write_png
 
 CATEGORIES = ("brick", "grass", "gravel")
-SIZES = (256, 512, 1024)
+SIZES = (256, 512, 1024, 2048)
 DEFECT_TYPES = ("scratch", "spot", "foreign", "hole", "blotch")
 SPLITS = ("train", "test_good", "test_defect")
 

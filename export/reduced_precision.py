@@ -1,0 +1,116 @@
+"""Reduced-precision engines for CPUs, and what they cost on the validation split.
+
+int8: each backbone graph is quantized after training (static, per-channel weights, activations
+calibrated on tiles of the run's training images) and written beside the fp32 graph. bf16: no new
+file, OpenVINO's inference-precision hint at load time. Either way only the backbone changes: its
+embeddings are cast to float32 before FAISS, and kNN, normalisation and thresholds stay in fp32.
+
+The exporter scores the validation images with fp32 and with each reduced precision through the runtime
+itself and records the largest and p99 score difference and the label agreement at the stored image
+threshold. A precision whose agreement falls below the floor is refused: the export stops, writes
+nothing and says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.predictor import Predictor, preprocess_from_manifest
+from tilecore.runtime.tiling import TileGrid
+
+log = logging.getLogger("tilecore")
+
+REDUCED_PRECISIONS = ("int8", "bf16")
+CHECK_BACKEND = {"int8": "cpu", "bf16": "openvino"}  # where the exporter measures each precision
+CALIBRATION_TILES = 128
+DEFAULT_FLOOR = 0.99
+
+
+def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> dict:
+    """What a precision changes: |score difference| (max, p99) and the share of unchanged labels."""
+    diff = np.abs(candidate - reference)
+    return {
+        "images": int(len(reference)),
+        "max_score_diff": round(float(diff.max()), 6),
+        "p99_score_diff": round(float(np.percentile(diff, 99)), 6),
+        "label_agreement": round(float(np.mean((candidate >= threshold) == (reference >= threshold))), 6),
+    }
+
+
+def validation_scores(bundle: Path, images: list[np.ndarray], device: str, precision: str) -> np.ndarray:
+    predictor = Predictor(bundle, device=device, precision=precision)
+    return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
+
+
+def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid) -> dict:
+    """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name}}."""
+    from tilecore.export.tensorrt_build import calibration_tiles, training_images, write_qdq_graph
+
+    images = training_images(run_dir, category)
+    graphs = {}
+    for member in manifest["members"]:
+        engine = member["engine"]
+        if engine in graphs:
+            continue
+        spec = preprocess_from_manifest(member["preprocess"])
+        tiles = calibration_tiles(images, spec, grid, tuple(manifest["tiling"]["backbone_input"]), CALIBRATION_TILES)
+        name = engine.removesuffix(".onnx") + ".int8.onnx"
+        write_qdq_graph(folder / engine, folder / name, tiles, batch=8)
+        graphs[engine] = {"file": name, "calibration_tiles": int(len(tiles))}
+    return graphs
+
+
+def add_reduced_precisions(
+    folder: Path,
+    manifest: dict,
+    run_dir: Path,
+    category: str,
+    grid: TileGrid,
+    precisions: list[str],
+    floor: float = DEFAULT_FLOOR,
+    write_manifest=None,
+) -> dict:
+    """Write and check each precision in `folder` (a complete, staged bundle); returns the manifest block.
+
+    `write_manifest(manifest)` rewrites the staged manifest, since the runtime that checks a precision
+    reads the bundle from disk.
+    """
+    for precision in precisions:
+        if precision not in REDUCED_PRECISIONS:
+            raise TilecoreError(f"--precision {precision!r}: expected one or more of {', '.join(REDUCED_PRECISIONS)}")
+    validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
+    if not validation:
+        raise TilecoreError(f"--precision: run {run_dir} has no validation images of {category} to check it on")
+    images = [read_rgb(p) for p in validation]
+    threshold = float(manifest["thresholds"]["image"])
+    reference = validation_scores(folder, images, "cpu", "fp32")
+    block: dict = {"floor": floor}
+    for precision in precisions:
+        if precision == "int8":
+            block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid)
+            manifest["reduced_precision"] = block
+            write_manifest(manifest)
+        candidate = validation_scores(folder, images, CHECK_BACKEND[precision], precision)
+        check = {"backend": CHECK_BACKEND[precision], **score_difference(reference, candidate, threshold)}
+        log.info(
+            "%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f)",
+            precision, check["images"], check["max_score_diff"], check["p99_score_diff"], check["label_agreement"],
+            floor,
+        )  # fmt: skip
+        if check["label_agreement"] < floor:
+            raise TilecoreError(
+                f"--precision {precision}: label agreement with fp32 on validation {check['label_agreement']:.3f} "
+                f"is below the floor {floor}; not written (lower it with --precision-floor)"
+            )
+        if precision == "int8":
+            for graph in block["int8"].values():
+                graph["validation"] = check
+        else:
+            block[precision] = {"validation": check}
+    return block

@@ -1,0 +1,73 @@
+"""OpenVINO backend (`--device openvino`): Intel CPUs, reading the bundle's ONNX graph directly.
+
+Compiled once per process; OpenVINO keeps the compiled blob in a cache folder (default
+`$XDG_CACHE_HOME/tilecore/openvino`, never the working directory) so later processes start fast.
+Precision is OpenVINO's inference-precision hint: fp32 ("f32"), bf16, or auto (OpenVINO's own default,
+bf16 on CPUs that have it). An int8 engine is a quantized graph from the bundle, chosen by the caller;
+its unquantized layers run in f32. Embeddings come back as float32 in every case, so kNN stays fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tilecore.runtime.engine import BackendMissing, EngineOptions, run_in_chunks
+from tilecore.runtime.errors import TilecoreError
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # "auto": no hint
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilecore" / "openvino"
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendMissing(
+            "--device openvino: the openvino package is not installed (pip install 'tilecore[openvino]')"
+        ) from None
+    return openvino
+
+
+class OpenVinoEngine:
+    """One ONNX graph compiled by OpenVINO for the CPU."""
+
+    def __init__(self, path: Path, options: EngineOptions) -> None:
+        ov = import_openvino()
+        core = ov.Core()
+        if "CPU" not in core.available_devices:
+            raise BackendMissing(f"--device openvino: OpenVINO sees no CPU device (it sees {core.available_devices})")
+        if options.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise TilecoreError("--precision bf16: this CPU has no bf16 support (OpenVINO's CPU plugin reports none)")
+        cache = options.cache_dir or default_cache_dir()
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache)})
+        except OSError:
+            pass  # a read-only home: compile every time rather than fail
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if options.threads:
+            config["INFERENCE_NUM_THREADS"] = str(options.threads)
+        if options.precision in PRECISION_HINTS:
+            config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[options.precision]
+        try:
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+            reason = str(exc).splitlines()[0][:200]
+            raise TilecoreError(f"engine {path.name}: OpenVINO cannot compile it ({reason})") from None
+        self.request = compiled.create_infer_request()
+        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.provider = f"OpenVINO CPU {options.precision} ({self.precision})"
+        self.max_batch = options.max_batch
+
+    def infer(self, tiles: np.ndarray) -> np.ndarray:
+        self.request.infer({0: np.ascontiguousarray(tiles)})
+        return self.request.get_output_tensor(0).data.copy()  # the request reuses its output buffer
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        return run_in_chunks(self.infer, tiles, self.max_batch)

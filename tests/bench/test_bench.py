@@ -1,0 +1,138 @@
+"""`tilecore bench`: the protocol's arithmetic, and a quick run end to end on a tiny bundle."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilecore.bench.measure import StageTable
+from tilecore.bench.plan import parse_batches
+from tilecore.bench.protocol import Protocol, cycle_batches, images_per_second, latency_summary, repeat
+from tilecore.export.bundle import export_run
+from tilecore.runtime.errors import TilecoreError
+from tilecore.train.config import config_from_dict
+from tilecore.train.fit import train_run
+from tilecore.train.synth import build_synth_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny setups of one dataset: a single model and a 2 x 2 tiled ensemble."""
+    root = tmp_path_factory.mktemp("bench")
+    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=2, categories=("grass",))
+    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
+    member |= {"pretrain_embed_dimension": 32, "target_embed_dimension": 16}
+    out = []
+    for name, tiling in (("SM", {}), ("ENS4", {"tile_size": [32], "stride": [32]})):
+        config = config_from_dict(
+            {
+                "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
+                "members": [member],
+                "tiling": tiling,
+            }
+        )
+        train_run(config, root / f"run_{name}")
+        export_run(root / f"run_{name}", root / name)
+        out.append(root / name)
+    return out
+
+
+def test_repeat_stops_at_enough_images_or_time() -> None:
+    calls = []
+    seconds = repeat(calls.append, 4, Protocol(min_images=10, duration_s=60))
+    assert len(seconds) == 3 == len(calls)  # 3 calls of 4 images reach 10
+    seconds = repeat(lambda n: None, 1, Protocol(min_images=10**9, duration_s=0.05))
+    assert len(seconds) >= 3  # stopped by the duration, not the image count
+
+
+def test_latency_and_throughput_arithmetic() -> None:
+    summary = latency_summary([0.010] * 98 + [0.030, 0.050])
+    assert summary["p50_ms"] == 10.0 and summary["p90_ms"] == 10.0 and summary["p99_ms"] > 30.0
+    assert images_per_second([0.5, 0.5, 10.0], 8) == 16.0  # the median call, not the stray slow one
+    assert cycle_batches(5, 3)(1) == [3, 4, 0]
+
+
+def test_stage_table_groups_and_checks_the_sum() -> None:
+    table = StageTable(
+        [
+            {"engine a.onnx": 10.0, "knn b0.faiss": 2.0, "knn b1.faiss": 3.0, "merge": 1.0},
+            {"engine a.onnx": 12.0, "knn b0.faiss": 2.0, "knn b1.faiss": 3.0, "merge": 1.0},
+        ],
+        [17.0, 19.0],
+    )
+    summary = table.summary()
+    assert summary["groups_ms"] == {"engine": 11.0, "knn": 5.0, "merge": 1.0}
+    assert summary["stage_sum_ms"] == 17.0 and summary["stage_sum_over_end_to_end"] == pytest.approx(17 / 18, abs=1e-3)
+
+
+def test_bad_batch_list_is_refused() -> None:
+    for text in ("0,8", "a", ""):
+        with pytest.raises(TilecoreError, match="--batch"):
+            parse_batches(text)
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tilecore.cli", "bench", *args], capture_output=True, text=True)
+
+
+def test_quick_bench_compares_setups_and_backends(bundles: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    options = ["--device", "cpu,pytorch", "--precision", "fp32,bf16", "--quick", "--out", str(out)]
+    proc = bench(*map(str, bundles), *options)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "bench.json").read_text())
+    rows = {(r["label"], r["backend"]): r for r in report["rows"]}
+    assert set(rows) == {("SM", "cpu"), ("SM", "pytorch"), ("ENS4", "cpu"), ("ENS4", "pytorch")}
+    assert any("bf16" in note for note in report["notes"])  # ONNX Runtime CPU has no bf16: noted, not measured
+    for (label, backend), row in rows.items():
+        assert "error" not in row, row
+        lat = row["latency_batch1"]
+        assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+        assert set(row["throughput"]) == {"1", "4"} and all(v > 0 for v in row["throughput"].values())
+        assert row["memory"]["peak_rss_mb"] >= row["memory"]["rss_after_load_mb"] > 0
+        if backend == "cpu":
+            assert 0 < row["efficiency"]["4"] < 1.5  # the engines alone are (nearly) an upper bound
+            stages = row["stages_batch1"]
+            assert {"preprocess", "tiling", "engine", "knn", "maps", "merge"} <= set(stages["groups_ms"])
+            assert 0.5 < stages["stage_sum_over_end_to_end"] <= 1.0  # the stages account for the time
+        knn_stages = [k for k in row.get("stages_batch1", {}).get("stages_ms", {}) if k.startswith("knn ")]
+        if backend == "cpu":
+            assert len(knn_stages) == (4 if label == "ENS4" else 1)  # one figure per index
+    assert rows[("ENS4", "cpu")]["ratios"]["vs_SM"] > 0
+    assert "| ENS4 | cpu fp32 |" in (out / "bench.md").read_text()
+    for plot in ("latency_throughput.png", "stages.png"):
+        assert (out / plot).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_refuses_bad_input_in_one_line(bundles: list[Path], tmp_path: Path) -> None:
+    for args, expected in (
+        ([str(bundles[0]), "--device", "tpu"], "--device 'tpu'"),
+        ([str(tmp_path), "--quick"], "no manifest.json"),
+        ([str(bundles[0]), "--batch", "0"], "--batch"),
+    ):
+        proc = bench(*args, "--out", str(tmp_path / "o"))
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_missing_int8_graph_is_reported_not_fatal(bundles: list[Path], tmp_path: Path) -> None:
+    proc = bench(str(bundles[0]), "--precision", "int8", "--quick", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]
+    assert "no int8 graph" in row["error"]
+
+
+def test_memory_sweep_measures_each_setup_in_its_own_process(tmp_path: Path) -> None:
+    from tilecore.bench.memory_sweep import memory_sweep
+
+    rows = memory_sweep(tmp_path, sizes=(256,))
+    assert [(r["setup"], r["size"]) for r in rows] == [("SM", 256), ("ENS", 256)]
+    for row in rows:
+        assert "error" not in row, row
+        m = row["memory"]
+        assert m["peak_rss_mb"] >= m["rss_after_load_mb"] >= m["rss_before_load_mb"] > 0
+    assert np.isfinite([r["memory"]["peak_rss_mb"] for r in rows]).all()

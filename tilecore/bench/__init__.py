@@ -1,0 +1,1 @@
+"""`tilecore bench`: latency, throughput, stage costs and memory of bundles, per backend and precision."""

@@ -1,0 +1,114 @@
+"""Which measurements a `tilecore bench` call makes, and the images they use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tilecore.bench.measure import BACKENDS, Job
+from tilecore.bench.protocol import Protocol
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.manifest import read_manifest
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PRECISIONS_BY_BACKEND = {  # what each backend can compute in; other pairs are not measured
+    "pytorch": ("fp32",),
+    "cpu": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8", "auto"),
+    "cuda": ("fp32", "int8"),
+    "tensorrt": ("fp32",),
+    "tensorrt-native": ("fp32",),
+}
+
+
+def machine_description() -> str:
+    """CPU model and core count (Linux), e.g. "Intel(R) Xeon(R) ... , 2 cores"."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def parse_list(text: str, name: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise TilecoreError(f"{name} {text!r}: expected a comma-separated list")
+    for item in items:
+        if allowed is not None and item not in allowed:
+            raise TilecoreError(f"{name} {item!r}: expected one of {', '.join(allowed)}")
+    return items
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(x) for x in parse_list(text, "--batch"))
+    except ValueError:
+        raise TilecoreError(f"--batch {text!r}: expected positive integers such as 1,8,16") from None
+    if any(b < 1 for b in batches):
+        raise TilecoreError(f"--batch {text!r}: expected positive integers such as 1,8,16")
+    return batches
+
+
+def synthetic_inputs(folder: Path, height: int, width: int, count: int) -> list[str]:
+    """Smooth random textures at the bundle's image size, written once as PNG (speed does not depend on content)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = folder / f"noise_{height}x{width}_{i:03d}.png"
+        if not path.is_file():
+            coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+            image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(path), image)
+        paths.append(str(path))
+    return paths
+
+
+def input_images(images_dir: Path | None, manifest: dict, work: Path, count: int) -> list[str]:
+    if images_dir is None:
+        height, width = manifest["image_size"]
+        return synthetic_inputs(work / "inputs", height, width, count)
+    if not images_dir.is_dir():
+        raise TilecoreError(f"--images {images_dir}: not a folder")
+    paths = sorted(str(p) for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise TilecoreError(f"--images {images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return paths[:count]
+
+
+def plan_jobs(
+    bundles: list[Path],
+    devices: list[str],
+    precisions: list[str],
+    protocol: Protocol,
+    work: Path,
+    images_dir: Path | None = None,
+    threads: int = 0,
+    run: str = "",
+    image_count: int = 16,
+) -> tuple[list[Job], list[str]]:
+    """(jobs in measurement order, notes on the pairs that are skipped)."""
+    for device in devices:
+        if device not in BACKENDS:
+            raise TilecoreError(f"--device {device!r}: expected one of {', '.join(BACKENDS)}")
+    jobs, notes = [], []
+    for bundle in bundles:
+        manifest = read_manifest(bundle)  # a bad bundle is refused before anything is timed
+        images = input_images(images_dir, manifest, work, image_count)
+        for device in devices:
+            for precision in precisions:
+                if precision not in PRECISIONS_BY_BACKEND[device]:
+                    notes.append(f"{bundle.name}: {device} does not run {precision}; not measured")
+                    continue
+                jobs.append(Job(str(bundle), device, precision, images, protocol, threads, bundle.name, run))
+    return jobs, notes
