@@ -106,6 +106,9 @@ class OrtEngine:
         session_options = ort.SessionOptions()
         if options.threads:
             session_options.intra_op_num_threads = options.threads
+        # ORT's idle threads spin by default and take the cores FAISS's kNN needs right after each call
+        # (measured on 2 cores: ENS9 batch 1 went from 5.3 to 7.4 images/s with spinning off).
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         cache_dir = path.parent / "trt_cache"
         providers = choose_providers(device, ort.get_available_providers(), cache_dir, options.gpu_id)
         try:

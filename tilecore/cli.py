@@ -39,7 +39,7 @@ def progress_bar() -> Progress:
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to write the MVTec-layout dataset into.")] = Path("data/synth256"),
-    size: Annotated[int, typer.Option(help="Image resolution: 256, 512 or 1024.")] = 256,
+    size: Annotated[int, typer.Option(help="Image resolution: 256, 512, 1024 or 2048.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     n_train: Annotated[int, typer.Option(help="Normal training images per category.")] = 60,
     n_test_good: Annotated[int, typer.Option(help="Normal test images per category.")] = 15,

@@ -138,9 +138,9 @@ def test_size_1024_one_category(tmp_path: Path) -> None:
         assert defect["area_px"] >= 100  # the fraction is of the image area, so defects grow in pixels
 
 
-@pytest.mark.parametrize("size", [128, 300, 2048, 256.0, "256"])
+@pytest.mark.parametrize("size", [128, 300, 4096, 256.0, "256"])
 def test_bad_size_raises(tmp_path: Path, size: object) -> None:
-    with pytest.raises(TilecoreError, match="256, 512, 1024"):
+    with pytest.raises(TilecoreError, match="256, 512, 1024, 2048"):
         build_synth_dataset(tmp_path, size, **SMALL)  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())
 

@@ -67,20 +67,27 @@ class StageTable:
         }
 
 
-def peak_rss_mb() -> float:
-    import resource
+def proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MB (Linux); NaN elsewhere.
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux reports kB
-
-
-def current_rss_mb() -> float:
+    VmHWM (peak RSS) belongs to this process image and restarts at exec, unlike getrusage's ru_maxrss,
+    which a worker inherits from the process that forked it.
+    """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024.0, 1)
     except OSError:
         pass
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return proc_status_mb("VmHWM")
+
+
+def current_rss_mb() -> float:
+    return proc_status_mb("VmRSS")
 
 
 def gpu_memory_mb() -> float | None:
