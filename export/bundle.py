@@ -18,7 +18,7 @@ import torch
 import tilecore
 from tilecore.export.indexes import INDEX_KINDS, build_index, recall_at_1
 from tilecore.export.onnx_graph import OPSET, export_embedder, weights_hash
-from tilecore.export.reduced_precision import DEFAULT_FLOOR, add_reduced_precisions
+from tilecore.export.reduced_precision import DEFAULT_FLOOR, add_reduced_precisions, check_precisions
 from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack, engine_for_run
 from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_json, sha256_file
@@ -101,6 +101,7 @@ def export_run(
         raise TilecoreError(f"--index {index_kind!r}: expected one of {', '.join(INDEX_KINDS)}")
     if out.exists():
         raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
+    check_precisions(precisions)
     trt_stack = check_build_stack(tensorrt) if tensorrt is not None else None  # fail fast, before the long work
     trt_records = []
     calibration = json.loads(calibration_path.read_text())

@@ -32,6 +32,23 @@ CALIBRATION_TILES = 128
 DEFAULT_FLOOR = 0.99
 
 
+def check_precisions(precisions: tuple[str, ...] | list[str]) -> None:
+    """Refuse an unknown precision, or bf16 without OpenVINO, before any export work starts."""
+    for precision in precisions:
+        if precision not in REDUCED_PRECISIONS:
+            raise TilecoreError(f"--precision {precision!r}: expected one or more of {', '.join(REDUCED_PRECISIONS)}")
+    if "bf16" in precisions:
+        from tilecore.runtime.openvino_engine import import_openvino
+
+        try:
+            import_openvino()
+        except TilecoreError:
+            raise TilecoreError(
+                "--precision bf16: it is checked and run through OpenVINO, which is not installed "
+                "(pip install 'tilecore[openvino]')"
+            ) from None
+
+
 def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> dict:
     """What a precision changes: |score difference| (max, p99) and the share of unchanged labels."""
     diff = np.abs(candidate - reference)
@@ -50,7 +67,7 @@ def validation_scores(bundle: Path, images: list[np.ndarray], device: str, preci
 
 def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid) -> dict:
     """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name}}."""
-    from tilecore.export.tensorrt_build import calibration_tiles, training_images, write_qdq_graph
+    from tilecore.export.quantize import calibration_tiles, training_images, write_qdq_graph
 
     images = training_images(run_dir, category)
     graphs = {}
@@ -81,9 +98,7 @@ def add_reduced_precisions(
     `write_manifest(manifest)` rewrites the staged manifest, since the runtime that checks a precision
     reads the bundle from disk.
     """
-    for precision in precisions:
-        if precision not in REDUCED_PRECISIONS:
-            raise TilecoreError(f"--precision {precision!r}: expected one or more of {', '.join(REDUCED_PRECISIONS)}")
+    check_precisions(precisions)
     validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
     if not validation:
         raise TilecoreError(f"--precision: run {run_dir} has no validation images of {category} to check it on")

@@ -21,17 +21,11 @@ INT8 uses explicit quantization (a Q/DQ graph), not IInt8EntropyCalibrator2, bec
   biases kept in float), so the quantized graph is made and checked without a GPU: ONNX Runtime runs
   it, and its embedding error against the fp32 graph is written into the engine's record;
 - no calibrator class with its own device buffers and calibration cache to maintain.
-Calibration tiles come from the run's training images (normal images, never test ones), cut by the
-runtime's own preprocessing and tiling, so the quantizer sees exactly what the engine will.
+Calibration tiles and the Q/DQ graph come from export.quantize (shared with the CPU int8 engines).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +33,10 @@ from types import ModuleType
 
 import numpy as np
 
+from tilecore.export.quantize import calibration_tiles, relative_error, training_images, write_qdq_graph
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
-from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
+from tilecore.runtime.preprocess import Preprocess
 from tilecore.runtime.tensorrt_compat import EngineRecord, GpuInfo, Profile, engine_file_name, profile_shapes
 from tilecore.runtime.tiling import TileGrid
 
@@ -140,78 +134,6 @@ def build_plan(
     if plan is None:
         raise TilecoreError(f"{WHO}: TensorRT could not build an engine for {onnx_path.name} (see its log above)")
     return bytes(plan), profile, network.get_output(0).name
-
-
-def training_images(run_dir: Path, category: str) -> list[str]:
-    """The run's training images of a category (the normal images its banks were fitted on)."""
-    return json.loads((run_dir / category / "split.json").read_text())["train"]
-
-
-def calibration_tiles(
-    images: list[str], preprocess: Preprocess, grid: TileGrid, input_hw: tuple[int, int], limit: int
-) -> np.ndarray:
-    """Backbone inputs [n <= limit, 3, in_h, in_w] from evenly spaced images, every tile location of each."""
-    if not images:
-        raise TilecoreError("--int8: the run lists no training images to calibrate on")
-    wanted = min(len(images), math.ceil(limit / grid.count))
-    picks = np.linspace(0, len(images) - 1, wanted).round().astype(int)
-    locations = list(range(grid.count))
-    tiles = [tiles_at(normalise_rgb(read_rgb(images[i]), preprocess), grid, locations, input_hw) for i in picks]
-    return np.concatenate(tiles)[:limit]  # [images * T, 3, in_h, in_w] -> at most `limit` tiles
-
-
-def write_qdq_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, batch: int) -> None:
-    """The fp32 graph with symmetric int8 QuantizeLinear/DequantizeLinear pairs calibrated on `tiles`."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
-
-    class TileReader(CalibrationDataReader):
-        def __init__(self) -> None:
-            whole = max(batch, len(tiles) - len(tiles) % batch)  # entropy calibration needs equal batch shapes
-            self.batches = iter([tiles[i : i + batch] for i in range(0, min(whole, len(tiles)), batch)])
-
-        def get_next(self) -> dict | None:
-            chunk = next(self.batches, None)
-            return None if chunk is None else {input_name: chunk}
-
-    root = logging.getLogger()  # the quantizer prints progress and logs advice on the root logger
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                str(onnx_path),
-                str(out_path),
-                TileReader(),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.Entropy,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-            )
-    finally:
-        root.setLevel(level)
-
-
-def relative_error(reference: Path, candidate: Path, tiles: np.ndarray) -> float:
-    """||candidate(tiles) - reference(tiles)|| / ||reference(tiles)|| with ONNX Runtime on the CPU."""
-    import onnxruntime as ort
-
-    outputs = []
-    for path in (reference, candidate):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outputs.append(session.run(None, {session.get_inputs()[0].name: tiles})[0])
-    return float(np.linalg.norm(outputs[1] - outputs[0]) / max(np.linalg.norm(outputs[0]), 1e-12))
 
 
 def build_engine(onnx_path: Path, build: TensorRTBuild, stack: BuildStack, tiles: np.ndarray | None) -> EngineRecord:

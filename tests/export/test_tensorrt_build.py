@@ -17,15 +17,8 @@ from tests import gpu_fakes
 from tilecore.export import bundle as bundle_module
 from tilecore.export.bundle import export_run
 from tilecore.export.onnx_graph import export_embedder
-from tilecore.export.tensorrt_build import (
-    TensorRTBuild,
-    build_engine,
-    calibration_tiles,
-    check_build_stack,
-    relative_error,
-    training_images,
-    write_qdq_graph,
-)
+from tilecore.export.quantize import calibration_tiles, relative_error, training_images, write_qdq_graph
+from tilecore.export.tensorrt_build import TensorRTBuild, build_engine, check_build_stack
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.manifest import read_manifest

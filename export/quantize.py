@@ -1,0 +1,139 @@
+"""Static int8 quantization of a backbone graph: calibration tiles and a Q/DQ ONNX graph.
+
+Shared by the CPU int8 engines (export.reduced_precision) and TensorRT's int8 build
+(export.tensorrt_build). Calibration tiles come from the run's training images (normal images, never
+test ones), cut by the runtime's own preprocessing and tiling, so the quantizer sees what the engine will.
+ONNX Runtime's quantizer writes QuantizeLinear/DequantizeLinear pairs around the chosen convolutions,
+which ONNX Runtime, OpenVINO and TensorRT all run as int8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
+from tilecore.runtime.tiling import TileGrid
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How a graph is quantized. The defaults are TensorRT's: symmetric int8 activations and weights."""
+
+    calibration: str = "entropy"  # entropy | minmax
+    symmetric_activations: bool = True  # TensorRT needs symmetric; CPUs also run asymmetric uint8
+    keep_float: tuple[str, ...] = ()  # node kinds left in float (see float_nodes)
+
+    def describe(self) -> str:
+        activations = "int8 symmetric" if self.symmetric_activations else "uint8 asymmetric"
+        kept = f", float: {', '.join(self.keep_float)}" if self.keep_float else ""
+        weights = "per-channel int8 weights"
+        return f"onnxruntime static quantization, {self.calibration}, activations {activations}, {weights}{kept}"
+
+
+def training_images(run_dir: Path, category: str) -> list[str]:
+    """The run's training images of a category (the normal images its banks were fitted on)."""
+    return json.loads((run_dir / category / "split.json").read_text())["train"]
+
+
+def calibration_tiles(
+    images: list[str], preprocess: Preprocess, grid: TileGrid, input_hw: tuple[int, int], limit: int
+) -> np.ndarray:
+    """Backbone inputs [n <= limit, 3, in_h, in_w] from evenly spaced images, every tile location of each."""
+    if not images:
+        raise TilecoreError("int8: the run lists no training images to calibrate on")
+    wanted = min(len(images), math.ceil(limit / grid.count))
+    picks = np.linspace(0, len(images) - 1, wanted).round().astype(int)
+    locations = list(range(grid.count))
+    tiles = [tiles_at(normalise_rgb(read_rgb(images[i]), preprocess), grid, locations, input_hw) for i in picks]
+    return np.concatenate(tiles)[:limit]  # [images * T, 3, in_h, in_w] -> at most `limit` tiles
+
+
+def float_nodes(onnx_path: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Names of the Conv nodes that stay float: "head" (the PatchCore projection, outside the backbone),
+    "stem" (the first convolution) and "depthwise" (grouped convolutions with one input channel per group)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    weights = {t.name: t for t in graph.initializer}
+    chosen = []
+    for i, node in enumerate(convs):
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = weights.get(node.input[1])
+        depthwise = group > 1 and weight is not None and weight.dims[1] == 1
+        head = not node.name.startswith("/features/")
+        if ("head" in patterns and head) or ("stem" in patterns and i == 0) or ("depthwise" in patterns and depthwise):
+            chosen.append(node.name)
+    return chosen
+
+
+def write_qdq_graph(
+    onnx_path: Path, out_path: Path, tiles: np.ndarray, batch: int, scheme: QuantScheme = QuantScheme()
+) -> None:
+    """The fp32 graph with int8 QuantizeLinear/DequantizeLinear pairs calibrated on `tiles`."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+
+    class TileReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            whole = max(batch, len(tiles) - len(tiles) % batch)  # entropy calibration needs equal batch shapes
+            self.batches = iter([tiles[i : i + batch] for i in range(0, min(whole, len(tiles)), batch)])
+
+        def get_next(self) -> dict | None:
+            chunk = next(self.batches, None)
+            return None if chunk is None else {input_name: chunk}
+
+    methods = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax}
+    root = logging.getLogger()  # the quantizer prints progress and logs advice on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(onnx_path),
+                str(out_path),
+                TileReader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                per_channel=True,
+                activation_type=QuantType.QInt8 if scheme.symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[scheme.calibration],
+                nodes_to_exclude=float_nodes(onnx_path, scheme.keep_float),
+                extra_options={
+                    "ActivationSymmetric": scheme.symmetric_activations,
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,
+                },
+            )
+    finally:
+        root.setLevel(level)
+
+
+def relative_error(reference: Path, candidate: Path, tiles: np.ndarray) -> float:
+    """||candidate(tiles) - reference(tiles)|| / ||reference(tiles)|| with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    outputs = []
+    for path in (reference, candidate):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: tiles})[0])
+    return float(np.linalg.norm(outputs[1] - outputs[0]) / max(np.linalg.norm(outputs[0]), 1e-12))

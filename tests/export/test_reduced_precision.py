@@ -1,0 +1,76 @@
+"""Reduced-precision CPU engines at export: written beside fp32, checked on validation, refused below the floor."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilecore.export.bundle import export_run
+from tilecore.export.reduced_precision import score_difference
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.manifest import read_manifest
+from tilecore.runtime.predictor import Predictor
+from tilecore.train.config import config_from_dict
+from tilecore.train.fit import train_run
+from tilecore.train.synth import build_synth_dataset
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("precision")
+    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=3, categories=("gravel",))
+    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
+    config = config_from_dict(
+        {
+            "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
+            "members": [{**member, "pretrain_embed_dimension": 32, "target_embed_dimension": 16}],
+        }
+    )
+    train_run(config, root / "run")
+    return root / "run"
+
+
+def test_score_difference_arithmetic() -> None:
+    check = score_difference(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.5, 1.9, 3.0]), threshold=1.8)
+    assert check["max_score_diff"] == 0.5 and check["images"] == 4
+    assert check["label_agreement"] == 1.0  # 1.5 and 1.0 both below 1.8; 1.9 and 2.0 both above
+    assert score_difference(np.array([1.0, 2.0]), np.array([2.0, 2.0]), 1.5)["label_agreement"] == 0.5
+
+
+def test_int8_graph_is_written_checked_and_selectable(run: Path, tmp_path: Path) -> None:
+    export_run(run, tmp_path / "b", precisions=("int8",), precision_floor=0.0)
+    manifest = read_manifest(tmp_path / "b")  # verifies every checksum, the int8 graph's included
+    (graph,) = manifest["reduced_precision"]["int8"].values()
+    assert graph["file"].endswith(".int8.onnx") and graph["file"] in manifest["files"]
+    check = graph["validation"]
+    assert check["images"] >= 2 and 0 <= check["label_agreement"] <= 1 and check["max_score_diff"] >= 0
+    assert check["p99_score_diff"] <= check["max_score_diff"]
+    images = [read_rgb(p) for p in json.loads((run / "gravel" / "split.json").read_text())["validation"]]
+    fp32 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu").predict_batch(images)])
+    int8 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu", precision="int8").predict_batch(images)])
+    assert np.all(np.isfinite(int8)) and not np.array_equal(int8, fp32)  # a different engine ran
+    assert np.abs(int8 - fp32).max() == pytest.approx(check["max_score_diff"], abs=1e-5)  # what the manifest says
+
+
+def test_precision_below_the_floor_is_refused_and_nothing_written(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(TilecoreError, match="below the floor"):
+        export_run(run, tmp_path / "b", precisions=("int8",), precision_floor=1.01)
+    assert not any(tmp_path.iterdir())  # no bundle and no staging folder left behind
+
+
+def test_unknown_precision_is_refused(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(TilecoreError, match="--precision 'fp8'"):
+        export_run(run, tmp_path / "b", precisions=("fp8",))
+
+
+def test_bf16_check_is_recorded(run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="bf16 is checked through OpenVINO, part of the dev install")
+    import openvino
+
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16")
+    manifest = export_run(run, tmp_path / "b", precisions=("bf16",), precision_floor=0.0)
+    check = manifest["reduced_precision"]["bf16"]["validation"]
+    assert check["backend"] == "openvino" and check["max_score_diff"] > 0  # bf16 really changed something

@@ -1,0 +1,90 @@
+"""The OpenVINO backend: same embeddings as ONNX Runtime in fp32, float32 out in bf16, a cache folder of its
+own, and a clean fallback where OpenVINO is missing."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilecore.export.bundle import export_run
+from tilecore.runtime.engine import BackendMissing, EngineOptions, open_engine
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.predictor import Predictor
+from tilecore.train.config import config_from_dict
+from tilecore.train.fit import train_run
+from tilecore.train.synth import build_synth_dataset
+
+pytest.importorskip("openvino", reason="the openvino extra is part of the dev install; without it there is no backend")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("openvino")
+    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=3, categories=("brick",))
+    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
+    config = config_from_dict(
+        {
+            "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
+            "members": [{**member, "pretrain_embed_dimension": 32, "target_embed_dimension": 16}],
+            "tiling": {"tile_size": [32], "stride": [32]},
+        }
+    )
+    train_run(config, root / "run")
+    export_run(root / "run", root / "bundle")
+    return root / "bundle"
+
+
+def engine_path(bundle: Path) -> Path:
+    return next(bundle.glob("backbone_*.onnx"))
+
+
+def tiles(count: int = 5) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((count, 3, 32, 32)).astype(np.float32)
+
+
+def test_fp32_embeddings_equal_onnx_runtime(bundle: Path, tmp_path: Path) -> None:
+    options = EngineOptions("openvino", threads=1, max_batch=2, precision="fp32", cache_dir=tmp_path / "cache")
+    openvino = open_engine(engine_path(bundle), options)
+    reference = open_engine(engine_path(bundle), EngineOptions("cpu", threads=1)).run(tiles())
+    out = openvino.run(tiles())  # 5 tiles in chunks of 2: the last chunk has another batch size
+    assert out.dtype == np.float32 and out.shape == reference.shape
+    assert np.abs(out - reference).max() <= 1e-4 * np.abs(reference).max()
+    assert "OpenVINO" in openvino.provider
+    assert any((tmp_path / "cache").iterdir())  # compiled blob cached where asked, not in the working dir
+
+
+def test_bf16_runs_in_bf16_and_returns_float32(bundle: Path, tmp_path: Path) -> None:
+    import openvino
+
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(TilecoreError, match="no bf16"):
+            open_engine(engine_path(bundle), EngineOptions("openvino", precision="bf16", cache_dir=tmp_path))
+        return
+    engine = open_engine(engine_path(bundle), EngineOptions("openvino", precision="bf16", cache_dir=tmp_path))
+    reference = open_engine(engine_path(bundle), EngineOptions("cpu")).run(tiles())
+    out = engine.run(tiles())
+    assert out.dtype == np.float32  # kNN always gets float32
+    error = np.linalg.norm(out - reference) / np.linalg.norm(reference)
+    assert 0 < error < 0.05  # really reduced precision, and close
+
+
+def test_predictor_on_openvino_matches_cpu_scores(bundle: Path, tmp_path: Path) -> None:
+    images = [read_rgb(p) for p in sorted((bundle.parent / "data" / "brick" / "test").glob("*/*.png"))]
+    cpu = [r.score for r in Predictor(bundle, device="cpu").predict_batch(images)]
+    ov = [r.score for r in Predictor(bundle, device="openvino").predict_batch(images)]
+    assert np.allclose(ov, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_on_onnx_runtime_is_refused_in_one_line(bundle: Path) -> None:
+    with pytest.raises(TilecoreError, match="use --device openvino"):
+        open_engine(engine_path(bundle), EngineOptions("cpu", precision="bf16"))
+
+
+def test_missing_openvino_is_named_and_auto_falls_back(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(BackendMissing, match="openvino package is not installed"):
+        open_engine(engine_path(bundle), EngineOptions("openvino"))
+    engine = open_engine(engine_path(bundle), EngineOptions("auto"))
+    assert engine.provider == "CPUExecutionProvider"
