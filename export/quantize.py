@@ -128,6 +128,35 @@ def write_qdq_graph(
         root.setLevel(level)
 
 
+def write_int8_graph(
+    onnx_path: Path, out_path: Path, tiles: np.ndarray, keep_float: tuple[str, ...] = ("head",)
+) -> str:
+    """The CPU int8 graph (Q/DQ ONNX) by NNCF's post-training quantization; returns how it was made.
+
+    NNCF calibrates activation ranges on `tiles`, fuses activations into the quantized convolutions and
+    corrects the biases for the rounding error; on tf_efficientnet_lite0 its embeddings were 7.5% off the
+    fp32 graph's against 33% for ONNX Runtime's static quantizer with the same tiles (min-max, uint8).
+    The PatchCore head stays float: it is one projection and the last step before the distances.
+    """
+    import nncf
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    input_name = model.graph.input[0].name
+    dataset = nncf.Dataset([tiles[i : i + 1] for i in range(len(tiles))], lambda tile: {input_name: tile})
+    nncf.set_log_level(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        quantized = nncf.quantize(
+            model,
+            dataset,
+            subset_size=len(tiles),
+            ignored_scope=nncf.IgnoredScope(names=float_nodes(onnx_path, keep_float)),
+        )
+    onnx.save(quantized, str(out_path))
+    kept = f"; float: {', '.join(keep_float)}" if keep_float else ""
+    return f"NNCF {nncf.__version__} post-training quantization, {len(tiles)} training tiles{kept}"
+
+
 def relative_error(reference: Path, candidate: Path, tiles: np.ndarray) -> float:
     """||candidate(tiles) - reference(tiles)|| / ||reference(tiles)|| with ONNX Runtime on the CPU."""
     import onnxruntime as ort

@@ -67,7 +67,7 @@ def validation_scores(bundle: Path, images: list[np.ndarray], device: str, preci
 
 def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid) -> dict:
     """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name}}."""
-    from tilecore.export.quantize import calibration_tiles, training_images, write_qdq_graph
+    from tilecore.export.quantize import calibration_tiles, training_images, write_int8_graph
 
     images = training_images(run_dir, category)
     graphs = {}
@@ -78,8 +78,8 @@ def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str
         spec = preprocess_from_manifest(member["preprocess"])
         tiles = calibration_tiles(images, spec, grid, tuple(manifest["tiling"]["backbone_input"]), CALIBRATION_TILES)
         name = engine.removesuffix(".onnx") + ".int8.onnx"
-        write_qdq_graph(folder / engine, folder / name, tiles, batch=8)
-        graphs[engine] = {"file": name, "calibration_tiles": int(len(tiles))}
+        method = write_int8_graph(folder / engine, folder / name, tiles)
+        graphs[engine] = {"file": name, "method": method}
     return graphs
 
 

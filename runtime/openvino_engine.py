@@ -61,8 +61,10 @@ class OpenVinoEngine:
             reason = str(exc).splitlines()[0][:200]
             raise TilecoreError(f"engine {path.name}: OpenVINO cannot compile it ({reason})") from None
         self.request = compiled.create_infer_request()
-        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        self.provider = f"OpenVINO CPU {options.precision} ({self.precision})"
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type, e.g. bf16 or f32
+        self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        graph = "int8 graph, " if options.precision == "int8" else ""
+        self.provider = f"OpenVINO CPU ({graph}{self.precision})"
         self.max_batch = options.max_batch
 
     def infer(self, tiles: np.ndarray) -> np.ndarray:

@@ -168,6 +168,9 @@ def run_bundle(
         str, typer.Option(help="auto, cpu, cuda, tensorrt (ONNX Runtime's EP), tensorrt-native or openvino.")
     ] = "auto",
     gpu_id: Annotated[int, typer.Option(help="CUDA device for engines and FAISS indexes.")] = 0,
+    precision: Annotated[
+        str, typer.Option(help="Backbone precision: fp32, bf16 (openvino), int8 (a bundle's int8 graph), auto.")
+    ] = "fp32",
     batch: Annotated[int, typer.Option(help="Images scored together.")] = 4,
     threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
     overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
@@ -179,7 +182,7 @@ def run_bundle(
 
     if batch < 1:
         raise TilecoreError(f"--batch {batch}: expected >= 1")
-    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id)
+    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id, precision=precision)
 
     def show(record: dict) -> None:
         if "error" in record:

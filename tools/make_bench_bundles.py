@@ -3,7 +3,11 @@
     .venv/bin/python tools/make_bench_bundles.py --out bundles/bench            # SM256 SM512 ENS4 ENS9, lite0
     .venv/bin/tilecore bench bundles/bench/{SM256,SM512,ENS4,ENS9} --threads 2 --out bench/setups
 
-Backbone tf_efficientnet_lite0 (real ImageNet weights, offline), coreset 1%, the `grass` category.
+Backbone tf_efficientnet_lite0 (real ImageNet weights, offline), coreset 1%, the `grass` category. `SM` is an
+untiled single model at full resolution; `--precision int8 bf16` adds reduced-precision engines.
+
+    .venv/bin/python tools/make_bench_bundles.py --setups SM --size 256 --data data/synth256 --backbone resnet18 \
+        --layers layer2 layer3 --no-pretrained --precision int8 bf16 --precision-floor 0 --out bundles/r18
 Runs are kept in <out>/runs; a bundle that already exists is left as it is.
 """
 
@@ -24,6 +28,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=None, help="feature layers; default: the backbone's")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--precision", nargs="*", default=[], help="reduced-precision engines to add: int8 bf16")
+    parser.add_argument("--precision-floor", dest="floor", type=float, default=0.99, help="least label agreement")
     parser.add_argument("--out", default="bundles/bench")
     args = parser.parse_args()
 
@@ -51,7 +57,7 @@ def main() -> None:
             }
         )
         train_run(config, out / "runs" / setup)
-        export_run(out / "runs" / setup, out / setup)
+        export_run(out / "runs" / setup, out / setup, precisions=tuple(args.precision), precision_floor=args.floor)
         print(f"{out / setup}: written")
 
 
