@@ -128,15 +128,14 @@ def write_qdq_graph(
         root.setLevel(level)
 
 
-def write_int8_graph(
-    onnx_path: Path, out_path: Path, tiles: np.ndarray, keep_float: tuple[str, ...] = ("head",)
-) -> str:
+def write_int8_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, keep_float: tuple[str, ...] = ()) -> str:
     """The CPU int8 graph (Q/DQ ONNX) by NNCF's post-training quantization; returns how it was made.
 
     NNCF calibrates activation ranges on `tiles`, fuses activations into the quantized convolutions and
     corrects the biases for the rounding error; on tf_efficientnet_lite0 its embeddings were 7.5% off the
     fp32 graph's against 33% for ONNX Runtime's static quantizer with the same tiles (min-max, uint8).
-    The PatchCore head stays float: it is one projection and the last step before the distances.
+    The PatchCore head is quantized too: keeping it float left the error at 7.5% (resnet18: 1.2%) and
+    cost 38% of lite0's int8 speed (140 vs 225 tiles/s at 256 px in OpenVINO).
     """
     import nncf
     import onnx

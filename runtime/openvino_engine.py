@@ -17,7 +17,7 @@ import numpy as np
 from tilecore.runtime.engine import BackendMissing, EngineOptions, run_in_chunks
 from tilecore.runtime.errors import TilecoreError
 
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # "auto": no hint
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}  # "auto" and "int8": no hint (bf16 where the CPU has it)
 
 
 def default_cache_dir() -> Path:

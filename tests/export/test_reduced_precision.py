@@ -49,7 +49,8 @@ def test_int8_graph_is_written_checked_and_selectable(run: Path, tmp_path: Path)
     assert check["p99_score_diff"] <= check["max_score_diff"]
     images = [read_rgb(p) for p in json.loads((run / "gravel" / "split.json").read_text())["validation"]]
     fp32 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu").predict_batch(images)])
-    int8 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu", precision="int8").predict_batch(images)])
+    int8_predictor = Predictor(tmp_path / "b", device=check["backend"], precision="int8")
+    int8 = np.array([r.score for r in int8_predictor.predict_batch(images)])
     assert np.all(np.isfinite(int8)) and not np.array_equal(int8, fp32)  # a different engine ran
     assert np.abs(int8 - fp32).max() == pytest.approx(check["max_score_diff"], abs=1e-5)  # what the manifest says
 
