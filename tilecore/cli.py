@@ -153,7 +153,8 @@ def export(
     manifest = export_run(run, out, category, index, build, precisions, precision_floor)
     engines = sorted({m["engine"] for m in manifest["members"]})
     console.print(
-        f"bundle written to {out}: {len(engines)} engine(s), {len(manifest['files']) - len(engines)} index(es)"
+        f"bundle written to {out}: {len(engines)} engine(s), "
+        f"{sum(name.endswith('.faiss') for name in manifest['files'])} index(es)"
     )
 
 
