@@ -122,9 +122,12 @@ def backbone_only(predictor: Predictor, images: list[np.ndarray], batch: int, pr
         per_member.append((predictor.engines[member["engine"]], tiles))  # tiles: [T, 3, h, w] per image
     pick = cycle_batches(len(images), batch)
 
-    def call(n: int) -> None:
+    def call(n: int) -> None:  # the engine calls predict_batch makes, same sizes and order, nothing else
         for engine, tiles in per_member:
-            engine.run(np.concatenate([tiles[i] for i in pick(n)]))  # [batch * T, 3, h, w]
+            chunk = max(1, engine.max_batch // batch)  # tile locations per call, as in Predictor
+            for start in range(0, len(tiles[0]), chunk):
+                # [batch * chunk, 3, h, w]: the chunk's locations of every image in the batch
+                engine.run(np.concatenate([tiles[i][start : start + chunk] for i in pick(n)]))
 
     for n in range(protocol.warmup):
         call(n)
