@@ -15,12 +15,13 @@ import json
 import sys
 import types
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+from tests.tiny import tiny_run  # noqa: F401 - the GPU tests start from the shared tiny run
 
 FAKE_PLAN = b"FAKEPLAN"
 
@@ -309,22 +310,3 @@ def install(
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
     return trt, cudart
-
-
-def tiny_run(root: Path) -> Path:
-    """A trained tiled run (random resnet18, 64 px, 2x2 tiles of 32) over a small synthetic dataset."""
-    from tilecore.train.config import config_from_dict
-    from tilecore.train.fit import train_run
-    from tilecore.train.synth import build_synth_dataset
-
-    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=3, categories=("gravel",))
-    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
-    config = config_from_dict(
-        {
-            "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
-            "members": [{**member, "pretrain_embed_dimension": 32, "target_embed_dimension": 16}],
-            "tiling": {"tile_size": [32], "stride": [32]},
-        }
-    )
-    train_run(config, root / "run")
-    return root / "run"

@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tiny import TILES_2X2, tiny_run
 from tilecore.bench.measure import StageTable
 from tilecore.bench.plan import parse_batches
 from tilecore.bench.protocol import Protocol, cycle_batches, images_per_second, latency_summary, repeat
 from tilecore.export.bundle import export_run
 from tilecore.runtime.errors import TilecoreError
-from tilecore.train.config import config_from_dict
-from tilecore.train.fit import train_run
-from tilecore.train.synth import build_synth_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,22 +22,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two tiny setups of one dataset: a single model and a 2 x 2 tiled ensemble."""
     root = tmp_path_factory.mktemp("bench")
-    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=2, categories=("grass",))
-    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
-    member |= {"pretrain_embed_dimension": 32, "target_embed_dimension": 16}
-    out = []
-    for name, tiling in (("SM", {}), ("ENS4", {"tile_size": [32], "stride": [32]})):
-        config = config_from_dict(
-            {
-                "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
-                "members": [member],
-                "tiling": tiling,
-            }
-        )
-        train_run(config, root / f"run_{name}")
-        export_run(root / f"run_{name}", root / name)
-        out.append(root / name)
-    return out
+    for name, tiling in (("SM", {}), ("ENS4", TILES_2X2)):
+        export_run(tiny_run(root, "grass", tiling, f"run_{name}"), root / name)
+    return [root / "SM", root / "ENS4"]
 
 
 def test_repeat_stops_at_enough_images_or_time() -> None:

@@ -6,30 +6,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tiny import tiny_run
 from tilecore.export.bundle import export_run
 from tilecore.export.reduced_precision import score_difference
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.manifest import read_manifest
 from tilecore.runtime.predictor import Predictor
-from tilecore.train.config import config_from_dict
-from tilecore.train.fit import train_run
-from tilecore.train.synth import build_synth_dataset
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("precision")
-    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=3, categories=("gravel",))
-    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
-    config = config_from_dict(
-        {
-            "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
-            "members": [{**member, "pretrain_embed_dimension": 32, "target_embed_dimension": 16}],
-        }
-    )
-    train_run(config, root / "run")
-    return root / "run"
+    return tiny_run(tmp_path_factory.mktemp("precision"), tiling={})  # untiled
 
 
 def test_score_difference_arithmetic() -> None:

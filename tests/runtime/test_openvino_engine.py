@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tiny import tiny_run
 from tilecore.export.bundle import export_run
 from tilecore.runtime.engine import BackendMissing, EngineOptions, open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.predictor import Predictor
-from tilecore.train.config import config_from_dict
-from tilecore.train.fit import train_run
-from tilecore.train.synth import build_synth_dataset
 
 pytest.importorskip("openvino", reason="the openvino extra is part of the dev install; without it there is no backend")
 
@@ -22,17 +20,7 @@ pytest.importorskip("openvino", reason="the openvino extra is part of the dev in
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("openvino")
-    build_synth_dataset(root / "data", 256, n_train=8, n_test_good=2, n_test_defect=3, categories=("brick",))
-    member = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
-    config = config_from_dict(
-        {
-            "data": {"root": str(root / "data"), "image_size": 64, "val_fraction": 0.25},
-            "members": [{**member, "pretrain_embed_dimension": 32, "target_embed_dimension": 16}],
-            "tiling": {"tile_size": [32], "stride": [32]},
-        }
-    )
-    train_run(config, root / "run")
-    export_run(root / "run", root / "bundle")
+    export_run(tiny_run(root, "brick"), root / "bundle")
     return root / "bundle"
 
 
