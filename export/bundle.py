@@ -70,6 +70,12 @@ def export_member_banks(
     return per_location, dim, recalls
 
 
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a staged bundle but its manifest, by name."""
+    names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_FILE)
+    return {name: sha256_file(folder / name) for name in names}
+
+
 def export_run(
     run_dir: Path,
     out: Path,
@@ -140,7 +146,6 @@ def export_run(
                     "recall_at_1": recalls if index_kind != "flat" else None,
                 }
             )
-        files = sorted(p.name for p in staging.iterdir())
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -155,17 +160,15 @@ def export_run(
             "calibration": {"members": calibration["members"], "validation_images": calibration["validation_images"]},
             "thresholds": calibration["thresholds"],
             **({"tensorrt": trt_records} if trt_records else {}),  # engines tied to a GPU + TensorRT version
-            "files": {name: sha256_file(staging / name) for name in files},
+            "files": file_checksums(staging),
         }
         atomic_write_json(staging / MANIFEST_FILE, manifest)
         if precisions:
             write = lambda m: atomic_write_json(staging / MANIFEST_FILE, m)  # noqa: E731
-            block = add_reduced_precisions(
-                staging, manifest, run_dir, category, grid, list(precisions), precision_floor, write
+            manifest["reduced_precision"] = add_reduced_precisions(
+                staging, manifest, run_dir, category, grid, list(precisions), write, precision_floor
             )
-            manifest["reduced_precision"] = block
-            files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_FILE)
-            manifest["files"] = {name: sha256_file(staging / name) for name in files}
+            manifest["files"] = file_checksums(staging)  # now with the int8 graphs
             write(manifest)
         staging.rename(out)  # the bundle appears complete, or not at all
     except BaseException:

@@ -1,9 +1,9 @@
 """Static int8 quantization of a backbone graph: calibration tiles and a Q/DQ ONNX graph.
 
-Shared by the CPU int8 engines (export.reduced_precision) and TensorRT's int8 build
-(export.tensorrt_build). Calibration tiles come from the run's training images (normal images, never
-test ones), cut by the runtime's own preprocessing and tiling, so the quantizer sees what the engine will.
-ONNX Runtime's quantizer writes QuantizeLinear/DequantizeLinear pairs around the chosen convolutions,
+Shared by the CPU int8 engines (export.reduced_precision: NNCF, write_int8_graph) and TensorRT's int8
+build (export.tensorrt_build: ONNX Runtime's quantizer, write_qdq_graph). Calibration tiles come from the
+run's training images (normal images, never test ones), cut by the runtime's own preprocessing and
+tiling, so the quantizer sees what the engine will. Both write QuantizeLinear/DequantizeLinear pairs,
 which ONNX Runtime, OpenVINO and TensorRT all run as int8.
 """
 
@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,6 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
 from tilecore.runtime.tiling import TileGrid
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """How a graph is quantized. The defaults are TensorRT's: symmetric int8 activations and weights."""
-
-    calibration: str = "entropy"  # entropy | minmax
-    symmetric_activations: bool = True  # TensorRT needs symmetric; CPUs also run asymmetric uint8
-    keep_float: tuple[str, ...] = ()  # node kinds left in float (see float_nodes)
-
-    def describe(self) -> str:
-        activations = "int8 symmetric" if self.symmetric_activations else "uint8 asymmetric"
-        kept = f", float: {', '.join(self.keep_float)}" if self.keep_float else ""
-        weights = "per-channel int8 weights"
-        return f"onnxruntime static quantization, {self.calibration}, activations {activations}, {weights}{kept}"
 
 
 def training_images(run_dir: Path, category: str) -> list[str]:
@@ -77,10 +61,9 @@ def float_nodes(onnx_path: Path, patterns: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def write_qdq_graph(
-    onnx_path: Path, out_path: Path, tiles: np.ndarray, batch: int, scheme: QuantScheme = QuantScheme()
-) -> None:
-    """The fp32 graph with int8 QuantizeLinear/DequantizeLinear pairs calibrated on `tiles`."""
+def write_qdq_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, batch: int) -> None:
+    """TensorRT's int8 graph: Q/DQ pairs by ONNX Runtime's static quantizer (entropy calibration on `tiles`,
+    symmetric int8 activations as TensorRT requires, per-channel int8 weights, float biases)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -101,7 +84,6 @@ def write_qdq_graph(
             chunk = next(self.batches, None)
             return None if chunk is None else {input_name: chunk}
 
-    methods = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax}
     root = logging.getLogger()  # the quantizer prints progress and logs advice on the root logger
     level = root.level
     root.setLevel(logging.ERROR)
@@ -114,15 +96,10 @@ def write_qdq_graph(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                 per_channel=True,
-                activation_type=QuantType.QInt8 if scheme.symmetric_activations else QuantType.QUInt8,
+                activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=methods[scheme.calibration],
-                nodes_to_exclude=float_nodes(onnx_path, scheme.keep_float),
-                extra_options={
-                    "ActivationSymmetric": scheme.symmetric_activations,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": False,
-                },
+                calibrate_method=CalibrationMethod.Entropy,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
             )
     finally:
         root.setLevel(level)

@@ -13,8 +13,10 @@ nothing and says so in one line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +29,16 @@ from tilecore.runtime.tiling import TileGrid
 log = logging.getLogger("tilecore")
 
 REDUCED_PRECISIONS = ("int8", "bf16")
+CALIBRATION_TILES = 128
+DEFAULT_FLOOR = 0.99
 
 
 def check_backend(precision: str) -> str:
     """Where the exporter measures a precision: bf16 on OpenVINO; int8 on OpenVINO where it is installed
     (the fastest path, bf16 in any unquantized layer), else on ONNX Runtime."""
-    if precision == "int8":
-        try:
-            import openvino  # noqa: F401
-
-            return "openvino"
-        except ImportError:
-            return "cpu"
-    return "openvino"
-CALIBRATION_TILES = 128
-DEFAULT_FLOOR = 0.99
+    if precision == "bf16" or importlib.util.find_spec("openvino") is not None:
+        return "openvino"
+    return "cpu"
 
 
 def check_precisions(precisions: tuple[str, ...] | list[str]) -> None:
@@ -102,15 +99,14 @@ def add_reduced_precisions(
     category: str,
     grid: TileGrid,
     precisions: list[str],
+    write_manifest: Callable[[dict], None],
     floor: float = DEFAULT_FLOOR,
-    write_manifest=None,
 ) -> dict:
     """Write and check each precision in `folder` (a complete, staged bundle); returns the manifest block.
 
-    `write_manifest(manifest)` rewrites the staged manifest, since the runtime that checks a precision
-    reads the bundle from disk.
+    `precisions` were checked by check_precisions before the export began. `write_manifest(manifest)`
+    rewrites the staged manifest, since the runtime that checks a precision reads the bundle from disk.
     """
-    check_precisions(precisions)
     validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
     if not validation:
         raise TilecoreError(f"--precision: run {run_dir} has no validation images of {category} to check it on")

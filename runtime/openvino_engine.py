@@ -4,7 +4,8 @@ Compiled once per process; OpenVINO keeps the compiled blob in a cache folder (d
 `$XDG_CACHE_HOME/tilecore/openvino`, never the working directory) so later processes start fast.
 Precision is OpenVINO's inference-precision hint: fp32 ("f32"), bf16, or auto (OpenVINO's own default,
 bf16 on CPUs that have it). An int8 engine is a quantized graph from the bundle, chosen by the caller;
-its unquantized layers run in f32. Embeddings come back as float32 in every case, so kNN stays fp32.
+its unquantized layers get OpenVINO's default (bf16 where the CPU has it). Embeddings come back as
+float32 in every case, so kNN stays fp32.
 """
 
 from __future__ import annotations

@@ -118,31 +118,31 @@ class Predictor:
         "knn <bank file>", maps (tile maps: upsampling + blur) and merge (untiling, seams, normalisation,
         fusion, thresholds). A caller's timer also receives them, summed over calls.
         """
-        timer = timer if timer is not None else StageTimer()
-        before = dict(timer.seconds)
+        own = StageTimer()  # this call's stages; added to the caller's timer at the end
         raw = []
         for member, scorers in self.members:
-            with timer("preprocess"):
+            with own("preprocess"):
                 spec = preprocess_from_manifest(member["preprocess"])
                 normalised = [normalise_rgb(image, spec) for image in images]  # [3, S, S] each
             engine = self.engines[member["engine"]]
 
             def embed(locations: list[int], normalised=normalised, engine=engine, name=member["engine"]) -> np.ndarray:
-                with timer("tiling"):
+                with own("tiling"):
                     tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
                 b, t = tiles.shape[:2]  # [B, T', 3, in_h, in_w]
-                with timer(f"engine {name}"):
+                with own(f"engine {name}"):
                     embeddings = engine.run(tiles.reshape(b * t, *tiles.shape[2:]))  # [B*T', h, w, D]
                 return embeddings.reshape(b, t, *embeddings.shape[1:])
 
             chunk = max(1, engine.max_batch // len(images))
-            raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, timer))
-        with timer("merge"):
+            raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, own))
+        with own("merge"):
             scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
             labels = scores >= self.thresholds["image"]
             masks = maps >= self.thresholds["pixel"]
-        spent = {k: v - before.get(k, 0.0) for k, v in timer.seconds.items()}
-        per_image_ms = {k: round(1000 * v / len(images), 3) for k, v in spent.items() if v > 0}
+        if timer is not None:
+            timer.add(own)
+        per_image_ms = own.per_image_ms(len(images))
         return [
             Result(float(score), bool(label), anomaly_map, mask, dict(per_image_ms))
             for score, label, anomaly_map, mask in zip(scores, labels, maps, masks, strict=True)

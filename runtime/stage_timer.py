@@ -22,6 +22,10 @@ class StageTimer:
         finally:
             self.seconds[stage] += time.perf_counter() - started
 
+    def add(self, other: StageTimer) -> None:
+        for stage, seconds in other.seconds.items():
+            self.seconds[stage] += seconds
+
     def per_image_ms(self, images: int) -> dict[str, float]:
         return {stage: round(1000 * s / images, 3) for stage, s in self.seconds.items()}
 
