@@ -1,8 +1,8 @@
 """Reduced-precision engines for CPUs, and what they cost on the validation split.
 
 int8: each backbone graph is quantized after training (static, per-channel weights, activations
-calibrated on tiles of the run's training images) and written beside the fp32 graph. bf16: no new
-file, OpenVINO's inference-precision hint at load time. Either way only the backbone changes: its
+calibrated on tiles of the run's training images and of reference photographs: export.quantize) and
+written beside the fp32 graph. bf16: no new file, OpenVINO's inference-precision hint at load time. Either way only the backbone changes: its
 embeddings are cast to float32 before FAISS, and kNN, normalisation and thresholds stay in fp32.
 
 The exporter scores the validation images with fp32 and with each reduced precision through the runtime
@@ -76,7 +76,7 @@ def validation_scores(bundle: Path, images: list[np.ndarray], device: str, preci
 
 def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid) -> dict:
     """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name}}."""
-    from tilecore.export.quantize import calibration_tiles, training_images, write_int8_graph
+    from tilecore.export.quantize import calibration_set, training_images, write_int8_graph
 
     images = training_images(run_dir, category)
     graphs = {}
@@ -85,7 +85,7 @@ def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str
         if engine in graphs:
             continue
         spec = preprocess_from_manifest(member["preprocess"])
-        tiles = calibration_tiles(images, spec, grid, tuple(manifest["tiling"]["backbone_input"]), CALIBRATION_TILES)
+        tiles = calibration_set(images, spec, grid, tuple(manifest["tiling"]["backbone_input"]), CALIBRATION_TILES)
         name = engine.removesuffix(".onnx") + ".int8.onnx"
         method = write_int8_graph(folder / engine, folder / name, tiles)
         graphs[engine] = {"file": name, "method": method}

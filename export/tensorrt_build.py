@@ -33,7 +33,7 @@ from types import ModuleType
 
 import numpy as np
 
-from tilecore.export.quantize import calibration_tiles, relative_error, training_images, write_qdq_graph
+from tilecore.export.quantize import calibration_set, relative_error, training_images, write_qdq_graph
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
 from tilecore.runtime.preprocess import Preprocess
@@ -179,9 +179,9 @@ def engine_for_run(
     grid: TileGrid,
     input_hw: tuple[int, int],
 ) -> EngineRecord:
-    """build_engine with calibration tiles cut from the run's training images when INT8 is asked for."""
+    """build_engine with calibration tiles (training images + reference photographs) when INT8 is asked for."""
     tiles = None
     if build.int8:
         images = training_images(run_dir, category)
-        tiles = calibration_tiles(images, preprocess, grid, input_hw, build.calibration_tiles)
+        tiles = calibration_set(images, preprocess, grid, input_hw, build.calibration_tiles)
     return build_engine(onnx_path, build, stack, tiles)
