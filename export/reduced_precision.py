@@ -2,8 +2,9 @@
 
 int8: each backbone graph is quantized after training (static, per-channel weights, activations
 calibrated on tiles of the run's training images and of reference photographs: export.quantize) and
-written beside the fp32 graph. bf16: no new file, OpenVINO's inference-precision hint at load time. Either way only the backbone changes: its
-embeddings are cast to float32 before FAISS, and kNN, normalisation and thresholds stay in fp32.
+written beside the fp32 graph. bf16: no new file, OpenVINO's inference-precision hint at load time.
+Either way only the backbone changes: its embeddings are cast to float32 before FAISS, and kNN,
+normalisation and thresholds stay in fp32.
 
 The exporter scores the validation images with fp32 and with each reduced precision through the runtime
 itself and records the largest and p99 score difference and the label agreement at the stored image
