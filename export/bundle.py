@@ -84,11 +84,12 @@ def export_run(
     tensorrt: TensorRTBuild | None = None,
     precisions: tuple[str, ...] = (),
     precision_floor: float = DEFAULT_FLOOR,
+    int8_max_error: float | None = None,
 ) -> dict:
     """Export one category of `run_dir` to the bundle folder `out`; returns the manifest.
 
     `precisions` (int8, bf16) adds reduced-precision engines for CPUs, each checked against fp32 on the
-    validation split (export.reduced_precision).
+    validation split (export.reduced_precision); `int8_max_error` trades int8 speed for accuracy.
 
     With `tensorrt`, each ONNX graph also gets a TensorRT engine built on this GPU (export.tensorrt_build).
     """
@@ -108,6 +109,8 @@ def export_run(
     if out.exists():
         raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
     check_precisions(precisions)
+    if int8_max_error is not None and (not 0 < int8_max_error < 1 or "int8" not in precisions):
+        raise TilecoreError(f"--int8-max-error {int8_max_error}: expected a value in (0, 1) with --precision int8")
     trt_stack = check_build_stack(tensorrt) if tensorrt is not None else None  # fail fast, before the long work
     trt_records = []
     calibration = json.loads(calibration_path.read_text())
@@ -166,7 +169,7 @@ def export_run(
         if precisions:
             write = lambda m: atomic_write_json(staging / MANIFEST_FILE, m)  # noqa: E731
             manifest["reduced_precision"] = add_reduced_precisions(
-                staging, manifest, run_dir, category, grid, list(precisions), write, precision_floor
+                staging, manifest, run_dir, category, grid, list(precisions), write, precision_floor, int8_max_error
             )
             manifest["files"] = file_checksums(staging)  # now with the int8 graphs
             write(manifest)

@@ -26,6 +26,21 @@ def weights_hash(net: torch.nn.Module, input_hw: tuple[int, int]) -> str:
     return digest.hexdigest()[:16]
 
 
+def untie_weights(model: onnx.ModelProto) -> int:
+    """Give each Identity of a weight its own copy; returns how many. The exporter stores equal weights once
+    (e.g. all-zero convolutions of a random-init network after batch-norm folding) and feeds the others
+    through Identity nodes, which quantizers that look for a Conv's weight among the initializers reject."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    tied = [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    for node in tied:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        model.graph.initializer.append(copy)
+        model.graph.node.remove(node)
+    return len(tied)
+
+
 def export_embedder(net: torch.nn.Module, input_hw: tuple[int, int], path: Path) -> None:
     """Write `net` as ONNX with a dynamic batch axis, then check it (checker + shape inference)."""
     example = torch.zeros(2, 3, *input_hw)
@@ -42,6 +57,8 @@ def export_embedder(net: torch.nn.Module, input_hw: tuple[int, int], path: Path)
             dynamo=False,
         )
     model = onnx.load(str(path))
+    if untie_weights(model):
+        onnx.save_model(model, str(path))
     if model.ByteSize() > PROTOBUF_LIMIT:
         onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
     try:

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,7 +151,21 @@ def write_qdq_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, batch: i
         root.setLevel(level)
 
 
-def write_int8_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, keep_float: tuple[str, ...] = ()) -> str:
+def int8_convolutions(model) -> tuple[int, int]:
+    """(Conv nodes whose weights come through a DequantizeLinear, all Conv nodes) of an ONNX model."""
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    return sum(producers.get(node.input[1]) == "DequantizeLinear" for node in convs), len(convs)
+
+
+def write_int8_graph(
+    onnx_path: Path,
+    out_path: Path,
+    tiles: np.ndarray,
+    keep_float: tuple[str, ...] = (),
+    max_error: float | None = None,
+    validation_tiles: np.ndarray | None = None,
+) -> str:
     """The CPU int8 graph (Q/DQ ONNX) by NNCF's post-training quantization; returns how it was made.
 
     NNCF calibrates activation ranges on `tiles`, fuses activations into the quantized convolutions and
@@ -158,6 +173,10 @@ def write_int8_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, keep_fl
     fp32 graph's against 33% for ONNX Runtime's static quantizer with the same tiles (min-max, uint8).
     The PatchCore head is quantized too: keeping it float left the error at 7.5% (resnet18: 1.2%) and
     cost 38% of lite0's int8 speed (140 vs 225 tiles/s at 256 px in OpenVINO).
+
+    With `max_error`, NNCF's accuracy control puts back in float, most harmful first, the layers whose
+    quantization moves the embeddings of `validation_tiles` most, until their mean relative error
+    (||int8 - fp32|| / ||fp32|| per tile) is at most `max_error`: slower than all-int8, closer to fp32.
     """
     import nncf
     import onnx
@@ -165,17 +184,64 @@ def write_int8_graph(onnx_path: Path, out_path: Path, tiles: np.ndarray, keep_fl
     model = onnx.load(str(onnx_path))
     input_name = model.graph.input[0].name
     dataset = nncf.Dataset([tiles[i : i + 1] for i in range(len(tiles))], lambda tile: {input_name: tile})
+    ignored = nncf.IgnoredScope(names=float_nodes(onnx_path, keep_float))
     nncf.set_log_level(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        quantized = nncf.quantize(
-            model,
-            dataset,
-            subset_size=len(tiles),
-            ignored_scope=nncf.IgnoredScope(names=float_nodes(onnx_path, keep_float)),
-        )
+        if max_error is None:
+            quantized = nncf.quantize(model, dataset, subset_size=len(tiles), ignored_scope=ignored)
+        else:
+            if validation_tiles is None or not len(validation_tiles):
+                raise TilecoreError("int8 --int8-max-error: no validation tiles to measure the error on")
+            quantized = nncf.quantize_with_accuracy_control(
+                model,
+                dataset,
+                nncf.Dataset([validation_tiles[i : i + 1] for i in range(len(validation_tiles))]),
+                embedding_agreement(onnx_path),
+                max_drop=max_error,
+                drop_type=nncf.DropType.ABSOLUTE,
+                subset_size=len(tiles),
+                ignored_scope=ignored,
+            )
     onnx.save(quantized, str(out_path))
     kept = f"; float: {', '.join(keep_float)}" if keep_float else ""
-    return f"NNCF {nncf.__version__} post-training quantization, {len(tiles)} calibration tiles{kept}"
+    int8, total = int8_convolutions(quantized)
+    control = "" if max_error is None else f", accuracy control (embedding error <= {max_error:g})"
+    return (
+        f"NNCF {nncf.__version__} post-training quantization{control}, {len(tiles)} calibration tiles, "
+        f"{int8} of {total} convolutions int8{kept}"
+    )
+
+
+def tile_errors(fp32, candidate, tiles) -> list[float]:
+    """||candidate(t) - fp32(t)|| / ||fp32(t)|| for each tile t [1, 3, h, w] (ONNX Runtime sessions)."""
+    name = fp32.get_inputs()[0].name
+    errors = []
+    for tile in tiles:
+        ours, theirs = candidate.run(None, {name: tile})[0], fp32.run(None, {name: tile})[0]
+        errors.append(float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-12)))
+    return errors
+
+
+def embedding_error(reference: Path, candidate: Path, tiles: np.ndarray) -> float:
+    """The mean of tile_errors over `tiles` [n, 3, h, w]: what --int8-max-error bounds."""
+    import onnxruntime as ort
+
+    fp32, ours = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (reference, candidate))
+    return float(np.mean(tile_errors(fp32, ours, (tiles[i : i + 1] for i in range(len(tiles))))))
+
+
+def embedding_agreement(reference: Path) -> Callable:
+    """NNCF's validation function: 1 - the mean of tile_errors over the items it is given, and 1 - each."""
+    import onnxruntime as ort
+
+    fp32 = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+
+    def agreement(model, items) -> tuple[float, list[float]]:
+        candidate = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        per_tile = [1.0 - e for e in tile_errors(fp32, candidate, items)]
+        return float(np.mean(per_tile)), per_tile
+
+    return agreement
 
 
 def relative_error(reference: Path, candidate: Path, tiles: np.ndarray) -> float:

@@ -31,6 +31,7 @@ log = logging.getLogger("tilecore")
 
 REDUCED_PRECISIONS = ("int8", "bf16")
 CALIBRATION_TILES = 128
+VALIDATION_TILES = 64  # tiles of validation images the embedding error (and --int8-max-error) is measured on
 DEFAULT_FLOOR = 0.99
 
 
@@ -75,21 +76,34 @@ def validation_scores(bundle: Path, images: list[np.ndarray], device: str, preci
     return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
 
 
-def write_int8_graphs(folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid) -> dict:
-    """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name}}."""
-    from tilecore.export.quantize import calibration_set, training_images, write_int8_graph
+def write_int8_graphs(
+    folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid, max_error: float | None = None
+) -> dict:
+    """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name, "method",
+    "embedding_error": mean relative error of its embeddings of the validation tiles}}."""
+    from tilecore.export.quantize import (
+        calibration_set,
+        calibration_tiles,
+        embedding_error,
+        training_images,
+        write_int8_graph,
+    )
 
     images = training_images(run_dir, category)
+    validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
     graphs = {}
     for member in manifest["members"]:
         engine = member["engine"]
         if engine in graphs:
             continue
         spec = preprocess_from_manifest(member["preprocess"])
-        tiles = calibration_set(images, spec, grid, tuple(manifest["tiling"]["backbone_input"]), CALIBRATION_TILES)
+        input_hw = tuple(manifest["tiling"]["backbone_input"])
+        tiles = calibration_set(images, spec, grid, input_hw, CALIBRATION_TILES)
+        checks = calibration_tiles(validation, spec, grid, input_hw, VALIDATION_TILES)
         name = engine.removesuffix(".onnx") + ".int8.onnx"
-        method = write_int8_graph(folder / engine, folder / name, tiles)
-        graphs[engine] = {"file": name, "method": method}
+        method = write_int8_graph(folder / engine, folder / name, tiles, max_error=max_error, validation_tiles=checks)
+        error = embedding_error(folder / engine, folder / name, checks)
+        graphs[engine] = {"file": name, "method": method, "embedding_error": round(error, 6)}
     return graphs
 
 
@@ -102,11 +116,14 @@ def add_reduced_precisions(
     precisions: list[str],
     write_manifest: Callable[[dict], None],
     floor: float = DEFAULT_FLOOR,
+    int8_max_error: float | None = None,
 ) -> dict:
     """Write and check each precision in `folder` (a complete, staged bundle); returns the manifest block.
 
     `precisions` were checked by check_precisions before the export began. `write_manifest(manifest)`
     rewrites the staged manifest, since the runtime that checks a precision reads the bundle from disk.
+    `int8_max_error` keeps the int8 layers that cost most in float until the embedding error on validation
+    tiles is at most that (export.quantize.write_int8_graph).
     """
     validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
     if not validation:
@@ -117,7 +134,7 @@ def add_reduced_precisions(
     block: dict = {"floor": floor}
     for precision in precisions:
         if precision == "int8":
-            block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid)
+            block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid, int8_max_error)
             manifest["reduced_precision"] = block
             write_manifest(manifest)
         backend = check_backend(precision)

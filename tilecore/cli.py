@@ -128,6 +128,10 @@ def export(
     gpu_id: Annotated[int | None, typer.Option(help="TensorRT: CUDA device to build on (0).")] = None,
     precision: Annotated[str, typer.Option(help="CPU engines besides fp32, comma-separated: int8, bf16.")] = "",
     precision_floor: Annotated[float, typer.Option(help="Least label agreement with fp32 on validation.")] = 0.99,
+    int8_max_error: Annotated[
+        float | None,
+        typer.Option(help="int8: keep the costliest layers float until embeddings are within this of fp32 (0.02)."),
+    ] = None,
 ) -> None:
     """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
     from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack
@@ -150,7 +154,7 @@ def export(
     from tilecore.export.bundle import export_run
 
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
-    manifest = export_run(run, out, category, index, build, precisions, precision_floor)
+    manifest = export_run(run, out, category, index, build, precisions, precision_floor, int8_max_error)
     engines = sorted({m["engine"] for m in manifest["members"]})
     console.print(
         f"bundle written to {out}: {len(engines)} engine(s), "

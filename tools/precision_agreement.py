@@ -3,7 +3,9 @@
 For each bundle (exported with `tilecore export ... --precision int8,bf16`), scores the category's test
 images with fp32 (ONNX Runtime), int8 (ONNX Runtime and OpenVINO) and bf16 (OpenVINO), kNN in fp32 in
 every case, and compares each with fp32: image AUROC, label agreement at the stored threshold, and the
-largest score difference.
+largest and median score difference. `near_threshold` counts the test images whose fp32 score lies
+within that median difference of the threshold: the labels a precision of that accuracy is likely to
+flip, which bounds the agreement it can reach on this test set.
 
     .venv/bin/python tools/precision_agreement.py bundles/prec/* --data data/synth256 --out runs/precision.json
 """
@@ -49,6 +51,7 @@ def main() -> None:
         threshold = manifest["thresholds"]["image"]
         reference = scores[("cpu", "fp32")]
         for (device, precision), s in scores.items():
+            diff = np.abs(s - reference)
             row = {
                 "category": manifest["category"],
                 "device": device,
@@ -57,7 +60,10 @@ def main() -> None:
                 "image_auroc": round(float(roc_auc_score(truth, s)), 4),
                 "auroc_minus_fp32": round(float(roc_auc_score(truth, s) - roc_auc_score(truth, reference)), 4),
                 "label_agreement": round(float(np.mean((s >= threshold) == (reference >= threshold))), 4),
-                "max_score_diff": round(float(np.abs(s - reference).max()), 4),
+                "flipped_labels": int(np.sum((s >= threshold) != (reference >= threshold))),
+                "max_score_diff": round(float(diff.max()), 4),
+                "median_score_diff": round(float(np.median(diff)), 4),
+                "near_threshold": int(np.sum(np.abs(reference - threshold) < np.median(diff))),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -77,3 +77,37 @@ def test_reference_tiles_keep_a_colour_cast_from_being_clipped(
     assert both_error < 0.6 * grey_error  # measured: 0.029 vs 0.067
     # and on the normal tiles both stay close to fp32
     assert relative_error(onnx_path, tmp_path / "both.onnx", grey[:8]) < 0.1
+
+
+def test_tied_weights_are_untied_and_the_graph_computes_the_same() -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tilecore.export.onnx_graph import untie_weights
+
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["w"], ["w_again"]),  # how the exporter shares an equal weight
+            helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["x", "w_again"], ["b"], pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert untie_weights(model) == 1
+    assert not [n for n in model.graph.node if n.op_type == "Identity"]
+    assert {t.name for t in model.graph.initializer} == {"w", "w_again"}
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-5)  # other kernels, same weights

@@ -63,3 +63,24 @@ def test_bf16_check_is_recorded(run: Path, tmp_path: Path) -> None:
     manifest = export_run(run, tmp_path / "b", precisions=("bf16",), precision_floor=0.0)
     check = manifest["reduced_precision"]["bf16"]["validation"]
     assert check["backend"] == "openvino" and check["max_score_diff"] > 0  # bf16 really changed something
+
+
+def test_int8_max_error_keeps_costly_layers_float(run: Path, tmp_path: Path) -> None:
+    export_run(run, tmp_path / "all", precisions=("int8",), precision_floor=0.0)
+    export_run(run, tmp_path / "ac", precisions=("int8",), precision_floor=0.0, int8_max_error=0.004)
+    (everything,) = read_manifest(tmp_path / "all")["reduced_precision"]["int8"].values()
+    (controlled,) = read_manifest(tmp_path / "ac")["reduced_precision"]["int8"].values()
+    assert "accuracy control (embedding error <= 0.004)" in controlled["method"]
+    assert everything["embedding_error"] > 0.004  # all-int8 misses the bound, so some layers must go back to float
+    assert controlled["embedding_error"] <= 0.004
+    int8_convs = [int(g["method"].split(" of ")[0].rsplit(" ", 1)[1]) for g in (everything, controlled)]
+    assert int8_convs[1] < int8_convs[0]
+
+
+@pytest.mark.parametrize(("precisions", "max_error"), [(("int8",), 0.0), (("int8",), 1.5), (("bf16",), 0.02)])
+def test_int8_max_error_out_of_range_or_without_int8_is_refused(
+    run: Path, tmp_path: Path, precisions: tuple[str, ...], max_error: float
+) -> None:
+    with pytest.raises(TilecoreError, match="--int8-max-error"):
+        export_run(run, tmp_path / "b", precisions=precisions, int8_max_error=max_error)
+    assert not (tmp_path / "b").exists()
