@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tilecore.train.model import Embedder
 
 TILES_2X2 = {"tile_size": [32], "stride": [32]}
 
@@ -25,3 +29,14 @@ def tiny_run(root: Path, category: str = "gravel", tiling: dict | None = None, n
     )
     train_run(config, root / name)
     return root / name
+
+
+def tiny_graph(run: Path, folder: Path, name: str = "backbone_0123456789abcdef.onnx") -> tuple[Path, Embedder]:
+    """The run's first member as an ONNX graph in `folder`; returns (graph path, its Embedder)."""
+    from tilecore.export.onnx_graph import export_embedder
+    from tilecore.train.model import load_embedder
+    from tilecore.train.run_dir import load_run_config
+
+    embedder = load_embedder(load_run_config(run), run, 0)
+    export_embedder(embedder.net, embedder.input_hw, folder / name)
+    return folder / name, embedder

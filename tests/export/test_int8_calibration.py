@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tiny import tiny_run
-from tilecore.export.onnx_graph import export_embedder
+from tests.tiny import tiny_graph, tiny_run
 from tilecore.export.quantize import (
     REFERENCE_PHOTOS,
     calibration_set,
@@ -20,8 +19,7 @@ from tilecore.export.quantize import (
     write_int8_graph,
 )
 from tilecore.runtime.preprocess import Preprocess
-from tilecore.train.model import Embedder, load_embedder
-from tilecore.train.run_dir import load_run_config
+from tilecore.train.model import Embedder
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +29,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def graph(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Embedder]:
-    embedder = load_embedder(load_run_config(run), run, 0)
-    path = tmp_path_factory.mktemp("graph") / "backbone.onnx"
-    export_embedder(embedder.net, embedder.input_hw, path)
-    return path, embedder
+    return tiny_graph(run, tmp_path_factory.mktemp("graph"))
 
 
 def test_reference_tiles_are_normalised_colour_photographs() -> None:

@@ -14,9 +14,9 @@ import onnx
 import pytest
 
 from tests import gpu_fakes
+from tests.tiny import tiny_graph
 from tilecore.export import bundle as bundle_module
 from tilecore.export.bundle import export_run
-from tilecore.export.onnx_graph import export_embedder
 from tilecore.export.quantize import calibration_tiles, relative_error, training_images, write_qdq_graph
 from tilecore.export.tensorrt_build import TensorRTBuild, build_engine, check_build_stack
 from tilecore.runtime.errors import TilecoreError
@@ -24,8 +24,7 @@ from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.manifest import read_manifest
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
 from tilecore.runtime.tensorrt_compat import profile_shapes
-from tilecore.train.model import Embedder, load_embedder
-from tilecore.train.run_dir import load_run_config
+from tilecore.train.model import Embedder
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def graph(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Embedder]:
-    embedder = load_embedder(load_run_config(run), run, 0)
-    path = tmp_path_factory.mktemp("graph") / "backbone_0123456789abcdef.onnx"
-    export_embedder(embedder.net, embedder.input_hw, path)
-    return path, embedder
+    return tiny_graph(run, tmp_path_factory.mktemp("graph"))
 
 
 def qdq_nodes(model: onnx.ModelProto) -> int:
