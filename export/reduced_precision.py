@@ -61,13 +61,17 @@ def check_precisions(precisions: tuple[str, ...] | list[str]) -> None:
 
 
 def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> dict:
-    """What a precision changes: |score difference| (max, p99) and the share of unchanged labels."""
+    """What a precision changes: |score difference| (max, p99), the share of unchanged labels, how many
+    flipped, and how close to the threshold the nearest fp32 score lies (a flip there says little)."""
     diff = np.abs(candidate - reference)
+    flipped = (candidate >= threshold) != (reference >= threshold)
     return {
         "images": int(len(reference)),
         "max_score_diff": round(float(diff.max()), 6),
         "p99_score_diff": round(float(np.percentile(diff, 99)), 6),
-        "label_agreement": round(float(np.mean((candidate >= threshold) == (reference >= threshold))), 6),
+        "label_agreement": round(float(np.mean(~flipped)), 6),
+        "flipped_labels": int(flipped.sum()),
+        "nearest_to_threshold": round(float(np.abs(reference - threshold).min()), 6),
     }
 
 
@@ -141,9 +145,10 @@ def add_reduced_precisions(
         candidate = validation_scores(folder, images, backend, precision)
         check = {"backend": backend, **score_difference(reference, candidate, threshold)}
         log.info(
-            "%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f)",
+            "%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f; "
+            "%d flipped; the fp32 score nearest the threshold is %.3g from it)",
             precision, check["images"], check["max_score_diff"], check["p99_score_diff"], check["label_agreement"],
-            floor,
+            floor, check["flipped_labels"], check["nearest_to_threshold"],
         )  # fmt: skip
         if check["label_agreement"] < floor:
             raise TilecoreError(

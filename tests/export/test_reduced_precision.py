@@ -24,7 +24,9 @@ def test_score_difference_arithmetic() -> None:
     check = score_difference(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.5, 1.9, 3.0]), threshold=1.8)
     assert check["max_score_diff"] == 0.5 and check["images"] == 4
     assert check["label_agreement"] == 1.0  # 1.5 and 1.0 both below 1.8; 1.9 and 2.0 both above
-    assert score_difference(np.array([1.0, 2.0]), np.array([2.0, 2.0]), 1.5)["label_agreement"] == 0.5
+    assert check["flipped_labels"] == 0 and check["nearest_to_threshold"] == pytest.approx(0.2)  # 2.0 - 1.8
+    flip = score_difference(np.array([1.0, 2.0]), np.array([2.0, 2.0]), 1.5)
+    assert flip["label_agreement"] == 0.5 and flip["flipped_labels"] == 1
 
 
 def test_int8_graph_is_written_checked_and_selectable(run: Path, tmp_path: Path) -> None:
