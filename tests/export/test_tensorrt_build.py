@@ -116,9 +116,7 @@ def test_calibration_tiles_are_runtime_tiles_of_training_images(run: Path, graph
         calibration_tiles([], embedder.preprocess, grid, hw, limit=8)
 
 
-def test_qdq_graph_is_symmetric_int8_and_close_to_fp32(
-    run: Path, graph: tuple[Path, Embedder], tmp_path: Path
-) -> None:
+def test_qdq_graph_is_symmetric_int8_and_close_to_fp32(run: Path, graph: tuple[Path, Embedder], tmp_path: Path) -> None:
     onnx_path, embedder = graph
     tiles = calibration_tiles(training_images(run, "gravel"), embedder.preprocess, embedder.grid, (32, 32), 16)
     write_qdq_graph(onnx_path, tmp_path / "qdq.onnx", tiles, batch=4)

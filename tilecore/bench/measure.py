@@ -186,9 +186,7 @@ def measure(job: Job) -> dict:
 
     latency = latency_summary(repeat(one, 1, p))
     row["latency_batch1"] = latency
-    row["stages_batch1"] = (
-        {**table.summary(), "decode_ms": decode_ms} if predictor else {"decode_ms": decode_ms}
-    )
+    row["stages_batch1"] = {**table.summary(), "decode_ms": decode_ms} if predictor else {"decode_ms": decode_ms}
     row["throughput"], row["throughput_with_decode"], row["backbone_only"], row["efficiency"] = {}, {}, {}, {}
     for batch in p.batches:
         pick = cycle_batches(len(images), batch)

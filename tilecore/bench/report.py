@@ -117,8 +117,10 @@ def plot(report: dict, out: Path) -> list[str]:
             fig, axis = plt.subplots(figsize=(8, 0.5 * len(staged) + 1.5))
             lefts = [0.0] * len(staged)
             for group in STAGE_GROUPS:
-                values = [{**r["stages_batch1"]["groups_ms"], "decode": r["stages_batch1"]["decode_ms"]}.get(group, 0.0)
-                          for r in staged]
+                values = [
+                    {**r["stages_batch1"]["groups_ms"], "decode": r["stages_batch1"]["decode_ms"]}.get(group, 0.0)
+                    for r in staged
+                ]
                 axis.barh([f"{r['label']} {name(r)}" for r in staged], values, left=lefts, label=group)
                 lefts = [a + b for a, b in zip(lefts, values, strict=True)]
             axis.set_xlabel("ms per image at batch 1 (median)")
