@@ -6,7 +6,7 @@ maps, merging, seam smoothing, normalisation and fusion (runtime.merge) -> thres
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -29,6 +29,7 @@ class Result:
     anomaly_map: np.ndarray  # [H, W] float32 at the bundle's image size
     mask: np.ndarray  # [H, W] bool: anomaly_map >= the calibrated pixel threshold
     timings_ms: dict[str, float] = field(default_factory=dict)
+    rechecked: bool = False  # scored again in fp32 because the reduced-precision score was near the threshold
 
 
 def grid_from_manifest(tiling: dict) -> TileGrid:
@@ -80,7 +81,11 @@ class Predictor:
         max_batch: int = 4,
         gpu_id: int = 0,
         precision: str = "fp32",
+        recheck: float | None = None,
     ) -> None:
+        """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
+        threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
+        the reduced precision is trusted where it is far from the threshold)."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         if threads:
@@ -92,11 +97,16 @@ class Predictor:
         self.rule = MergeRule(**{k: m["postprocess"][k] for k in rule_fields})
         self.calibrations = [MemberCalibration.from_dict(c) for c in m["calibration"]["members"]]
         self.thresholds = m["thresholds"]
+        if recheck is not None and (precision == "fp32" or not recheck > 0):
+            raise TilecoreError(f"--recheck {recheck}: expected a score distance > 0 with a reduced --precision")
+        self.recheck = recheck
+        graphs = {x["engine"] for x in m["members"]}
         options = EngineOptions(device, threads, max_batch, precision, gpu_id)
-        self.engines = {
-            name: open_engine(self.bundle / engine_file(m, name, precision), options)
-            for name in {x["engine"] for x in m["members"]}
-        }
+        self.engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
+        self.fp32_engines = {}  # the cascade's second stage: same device, full precision, same indexes
+        if recheck is not None:
+            fp32 = EngineOptions(device, threads, max_batch, "fp32", gpu_id)
+            self.fp32_engines = {name: open_engine(self.bundle / name, fp32) for name in graphs}
         indexes = {name: faiss.read_index(str(self.bundle / name)) for x in m["members"] for name in set(x["banks"])}
         self.members = []
         for member in m["members"]:
@@ -116,15 +126,31 @@ class Predictor:
 
         Stage times (per image, ms) go into each Result: preprocess, tiling, "engine <file>",
         "knn <bank file>", maps (tile maps: upsampling + blur) and merge (untiling, seams, normalisation,
-        fusion, thresholds). A caller's timer also receives them, summed over calls.
+        fusion, thresholds); with `recheck`, the fp32 pass over the images near the threshold as
+        "recheck" (per image of the batch). A caller's timer also receives them, summed over calls.
         """
         own = StageTimer()  # this call's stages; added to the caller's timer at the end
+        results = self.score(images, self.engines, own)
+        if self.recheck is not None:
+            near = [i for i, r in enumerate(results) if abs(r.score - self.thresholds["image"]) < self.recheck]
+            if near:
+                with own("recheck"):
+                    again = self.score([images[i] for i in near], self.fp32_engines, StageTimer())
+                for i, result in zip(near, again, strict=True):
+                    results[i] = replace(result, rechecked=True)
+        if timer is not None:
+            timer.add(own)
+        per_image_ms = own.per_image_ms(len(images))
+        return [replace(r, timings_ms=dict(per_image_ms)) for r in results]
+
+    def score(self, images: list[np.ndarray], engines: dict, own: StageTimer) -> list[Result]:
+        """predict_batch's single pass with `engines` (one per graph), timing into `own`."""
         raw = []
         for member, scorers in self.members:
             with own("preprocess"):
                 spec = preprocess_from_manifest(member["preprocess"])
                 normalised = [normalise_rgb(image, spec) for image in images]  # [3, S, S] each
-            engine = self.engines[member["engine"]]
+            engine = engines[member["engine"]]
 
             def embed(locations: list[int], normalised=normalised, engine=engine, name=member["engine"]) -> np.ndarray:
                 with own("tiling"):
@@ -140,11 +166,8 @@ class Predictor:
             scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
             labels = scores >= self.thresholds["image"]
             masks = maps >= self.thresholds["pixel"]
-        if timer is not None:
-            timer.add(own)
-        per_image_ms = own.per_image_ms(len(images))
         return [
-            Result(float(score), bool(label), anomaly_map, mask, dict(per_image_ms))
+            Result(float(score), bool(label), anomaly_map, mask)
             for score, label, anomaly_map, mask in zip(scores, labels, maps, masks, strict=True)
         ]
 

@@ -93,6 +93,7 @@ def run_stream(
                         "score": round(result.score, 6),
                         "label": "anomalous" if result.label else "normal",
                         "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
+                        **({"rechecked_fp32": True} if result.rechecked else {}),
                     }
             for position in sorted(records):  # input order
                 results.write(json.dumps(records[position]) + "\n")

@@ -176,6 +176,10 @@ def run_bundle(
     precision: Annotated[
         str, typer.Option(help="Backbone precision: fp32, bf16 (openvino), int8 (a bundle's int8 graph), auto.")
     ] = "fp32",
+    recheck: Annotated[
+        float | None,
+        typer.Option(help="With a reduced --precision: score again in fp32 when within this of the threshold."),
+    ] = None,
     batch: Annotated[int, typer.Option(help="Images scored together.")] = 4,
     threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
     overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
@@ -187,7 +191,7 @@ def run_bundle(
 
     if batch < 1:
         raise TilecoreError(f"--batch {batch}: expected >= 1")
-    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id, precision=precision)
+    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck)
 
     def show(record: dict) -> None:
         if "error" in record:

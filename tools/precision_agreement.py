@@ -5,7 +5,9 @@ images with fp32 (ONNX Runtime), int8 (ONNX Runtime and OpenVINO) and bf16 (Open
 every case, and compares each with fp32: image AUROC, label agreement at the stored threshold, and the
 largest and median score difference. `near_threshold` counts the test images whose fp32 score lies
 within that median difference of the threshold: the labels a precision of that accuracy is likely to
-flip, which bounds the agreement it can reach on this test set.
+flip, which bounds the agreement it can reach on this test set. `--recheck M` adds int8 paths that score
+again in fp32 every image within M of the threshold (a cascade), counting how many it rechecked; each
+path's images/s is timed over the test set in batches of 16.
 
     .venv/bin/python tools/precision_agreement.py bundles/prec/* --data data/synth256 --out runs/precision.json
 """
@@ -14,11 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 PATHS = (("cpu", "fp32"), ("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"))
+BATCH = 16  # images per predict_batch call when timing a path
+
+
+def timed_scores(predictor, images: list) -> tuple[np.ndarray, int, float]:
+    """(scores, images rechecked in fp32, images/s over the test set in batches of BATCH after a warm-up)."""
+    predictor.predict_batch(images[:2])
+    start = time.perf_counter()
+    results = [r for i in range(0, len(images), BATCH) for r in predictor.predict_batch(images[i : i + BATCH])]
+    seconds = time.perf_counter() - start
+    return np.array([r.score for r in results]), sum(r.rechecked for r in results), len(images) / seconds
 
 
 def main() -> None:
@@ -26,7 +39,9 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, default=Path("data/synth256"))
     parser.add_argument("--out", type=Path, default=Path("runs/precision.json"))
+    parser.add_argument("--recheck", type=float, help="also measure int8 with this fp32 recheck margin (a cascade)")
     args = parser.parse_args()
+    routes = PATHS + ((("cpu", "int8", args.recheck), ("openvino", "int8", args.recheck)) if args.recheck else ())
 
     from sklearn.metrics import roc_auc_score
 
@@ -40,22 +55,28 @@ def main() -> None:
         paths = sorted((args.data / manifest["category"] / "test").glob("*/*.png"))
         truth = np.array([p.parent.name != "good" for p in paths])
         images = [read_rgb(p) for p in paths]
-        scores = {}
-        for device, precision in PATHS:
+        scores, rechecked, speed = {}, {}, {}
+        for device, precision, *recheck in routes:
+            margin = recheck[0] if recheck else None
             try:
-                predictor = Predictor(bundle, device=device, threads=2, precision=precision)
+                predictor = Predictor(bundle, device=device, threads=2, precision=precision, recheck=margin)
             except TilecoreError as exc:
                 print(f"{bundle.name} {device} {precision}: not measured ({exc})")
                 continue
-            scores[(device, precision)] = np.array([r.score for r in predictor.predict_batch(images)])
+            key = (device, precision, *recheck)
+            scores[key], rechecked[key], speed[key] = timed_scores(predictor, images)
         threshold = manifest["thresholds"]["image"]
         reference = scores[("cpu", "fp32")]
-        for (device, precision), s in scores.items():
+        for key, s in scores.items():
+            device, precision, *recheck = key
             diff = np.abs(s - reference)
             row = {
                 "category": manifest["category"],
                 "device": device,
                 "precision": precision,
+                "recheck": recheck[0] if recheck else None,
+                "rechecked_fp32": rechecked[key],
+                "images_per_second": round(speed[key], 2),
                 "images": len(paths),
                 "image_auroc": round(float(roc_auc_score(truth, s)), 4),
                 "auroc_minus_fp32": round(float(roc_auc_score(truth, s) - roc_auc_score(truth, reference)), 4),

@@ -86,3 +86,28 @@ def test_int8_max_error_out_of_range_or_without_int8_is_refused(
     with pytest.raises(TilecoreError, match="--int8-max-error"):
         export_run(run, tmp_path / "b", precisions=precisions, int8_max_error=max_error)
     assert not (tmp_path / "b").exists()
+
+
+def test_recheck_scores_images_near_the_threshold_again_in_fp32(run: Path, tmp_path: Path) -> None:
+    export_run(run, tmp_path / "b", precisions=("int8",), precision_floor=0.0)
+    split = json.loads((run / "gravel" / "split.json").read_text())
+    images = [read_rgb(p) for p in split["validation"] + split["test"]]
+    fp32 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu").predict_batch(images)])
+    int8 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu", precision="int8").predict_batch(images)])
+    threshold = read_manifest(tmp_path / "b")["thresholds"]["image"]
+    distance = np.abs(int8 - threshold)
+    margin = float(np.median(distance))  # about half of the images fall inside
+    cascade = Predictor(tmp_path / "b", device="cpu", precision="int8", recheck=margin)
+    results = cascade.predict_batch(images)
+    near = distance < margin
+    assert 0 < near.sum() < len(images)
+    assert [r.rechecked for r in results] == near.tolist()
+    scores = np.array([r.score for r in results])
+    np.testing.assert_allclose(scores[near], fp32[near], rtol=1e-6)  # decided by the fp32 engine
+    np.testing.assert_allclose(scores[~near], int8[~near], rtol=1e-6)  # the int8 score stands
+    assert all(r.label == (r.score >= threshold) for r in results)
+    assert all("recheck" in r.timings_ms for r in results)
+    with pytest.raises(TilecoreError, match="--recheck"):
+        Predictor(tmp_path / "b", device="cpu", recheck=1.0)  # fp32 has nothing to recheck
+    with pytest.raises(TilecoreError, match="--recheck"):
+        Predictor(tmp_path / "b", device="cpu", precision="int8", recheck=0.0)
