@@ -70,6 +70,28 @@ def engine_file(manifest: dict, engine: str, precision: str) -> str:
     return graphs[engine]["file"]
 
 
+def recheck_margin(manifest: dict, precision: str, recheck: float | str | None) -> float | None:
+    """The cascade's margin: a score distance, or "auto": the largest score change the exporter measured
+    for `precision` on the validation images (manifest `reduced_precision`)."""
+    if recheck is None:
+        return None
+    if precision == "fp32":
+        raise TilecoreError(f"--recheck {recheck}: only with a reduced --precision (int8, bf16)")
+    if recheck == "auto":
+        block = manifest.get("reduced_precision", {}).get(precision, {})
+        checks = [block["validation"]] if "validation" in block else [g["validation"] for g in block.values()]
+        if not checks:
+            raise TilecoreError(f"--recheck auto: the bundle records no {precision} check on validation images")
+        return max(check["max_score_diff"] for check in checks)
+    try:
+        margin = float(recheck)
+    except ValueError:
+        margin = 0.0
+    if not margin > 0:
+        raise TilecoreError(f"--recheck {recheck}: expected a score distance > 0 or auto")
+    return margin
+
+
 class Predictor:
     """A loaded bundle: engines, FAISS indexes, calibration and thresholds, ready to score images."""
 
@@ -81,11 +103,11 @@ class Predictor:
         max_batch: int = 4,
         gpu_id: int = 0,
         precision: str = "fp32",
-        recheck: float | None = None,
+        recheck: float | str | None = None,
     ) -> None:
         """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
         threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
-        the reduced precision is trusted where it is far from the threshold)."""
+        the reduced precision is trusted where it is far from the threshold); "auto": recheck_margin."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         if threads:
@@ -97,14 +119,12 @@ class Predictor:
         self.rule = MergeRule(**{k: m["postprocess"][k] for k in rule_fields})
         self.calibrations = [MemberCalibration.from_dict(c) for c in m["calibration"]["members"]]
         self.thresholds = m["thresholds"]
-        if recheck is not None and (precision == "fp32" or not recheck > 0):
-            raise TilecoreError(f"--recheck {recheck}: expected a score distance > 0 with a reduced --precision")
-        self.recheck = recheck
+        self.recheck = recheck_margin(m, precision, recheck)
         graphs = {x["engine"] for x in m["members"]}
         options = EngineOptions(device, threads, max_batch, precision, gpu_id)
         self.engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
         self.fp32_engines = {}  # the cascade's second stage: same device, full precision, same indexes
-        if recheck is not None:
+        if self.recheck is not None:
             fp32 = EngineOptions(device, threads, max_batch, "fp32", gpu_id)
             self.fp32_engines = {name: open_engine(self.bundle / name, fp32) for name in graphs}
         indexes = {name: faiss.read_index(str(self.bundle / name)) for x in m["members"] for name in set(x["banks"])}

@@ -177,8 +177,11 @@ def run_bundle(
         str, typer.Option(help="Backbone precision: fp32, bf16 (openvino), int8 (a bundle's int8 graph), auto.")
     ] = "fp32",
     recheck: Annotated[
-        float | None,
-        typer.Option(help="With a reduced --precision: score again in fp32 when within this of the threshold."),
+        str | None,
+        typer.Option(
+            help="With a reduced --precision: score again in fp32 when within this of the threshold; auto: "
+            "the largest score change the export measured on validation."
+        ),
     ] = None,
     batch: Annotated[int, typer.Option(help="Images scored together.")] = 4,
     threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,

@@ -5,7 +5,7 @@ images with fp32 (ONNX Runtime), int8 (ONNX Runtime and OpenVINO) and bf16 (Open
 every case, and compares each with fp32: image AUROC, label agreement at the stored threshold, and the
 largest and median score difference. `near_threshold` counts the test images whose fp32 score lies
 within that median difference of the threshold: the labels a precision of that accuracy is likely to
-flip, which bounds the agreement it can reach on this test set. `--recheck M` adds int8 paths that score
+flip, which bounds the agreement it can reach on this test set. `--recheck M` (or auto) adds int8 paths that score
 again in fp32 every image within M of the threshold (a cascade), counting how many it rechecked; each
 path's images/s is timed over the test set in batches of 16.
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, default=Path("data/synth256"))
     parser.add_argument("--out", type=Path, default=Path("runs/precision.json"))
-    parser.add_argument("--recheck", type=float, help="also measure int8 with this fp32 recheck margin (a cascade)")
+    parser.add_argument("--recheck", help="also measure int8 with this fp32 recheck margin (a cascade), or auto")
     args = parser.parse_args()
     routes = PATHS + ((("cpu", "int8", args.recheck), ("openvino", "int8", args.recheck)) if args.recheck else ())
 
@@ -55,7 +55,7 @@ def main() -> None:
         paths = sorted((args.data / manifest["category"] / "test").glob("*/*.png"))
         truth = np.array([p.parent.name != "good" for p in paths])
         images = [read_rgb(p) for p in paths]
-        scores, rechecked, speed = {}, {}, {}
+        scores, rechecked, speed, rechecked_margin = {}, {}, {}, {}
         for device, precision, *recheck in routes:
             margin = recheck[0] if recheck else None
             try:
@@ -65,6 +65,7 @@ def main() -> None:
                 continue
             key = (device, precision, *recheck)
             scores[key], rechecked[key], speed[key] = timed_scores(predictor, images)
+            rechecked_margin[key] = predictor.recheck
         threshold = manifest["thresholds"]["image"]
         reference = scores[("cpu", "fp32")]
         for key, s in scores.items():
@@ -75,6 +76,7 @@ def main() -> None:
                 "device": device,
                 "precision": precision,
                 "recheck": recheck[0] if recheck else None,
+                "recheck_margin": rechecked_margin.get(key),
                 "rechecked_fp32": rechecked[key],
                 "images_per_second": round(speed[key], 2),
                 "images": len(paths),

@@ -111,3 +111,10 @@ def test_recheck_scores_images_near_the_threshold_again_in_fp32(run: Path, tmp_p
         Predictor(tmp_path / "b", device="cpu", recheck=1.0)  # fp32 has nothing to recheck
     with pytest.raises(TilecoreError, match="--recheck"):
         Predictor(tmp_path / "b", device="cpu", precision="int8", recheck=0.0)
+    with pytest.raises(TilecoreError, match="--recheck"):
+        Predictor(tmp_path / "b", device="cpu", precision="int8", recheck="near")
+    (graph,) = read_manifest(tmp_path / "b")["reduced_precision"]["int8"].values()
+    auto = Predictor(tmp_path / "b", device="cpu", precision="int8", recheck="auto")
+    assert auto.recheck == graph["validation"]["max_score_diff"]  # the export's own measurement
+    with pytest.raises(TilecoreError, match="records no bf16 check"):
+        Predictor(tmp_path / "b", device="cpu", precision="bf16", recheck="auto")

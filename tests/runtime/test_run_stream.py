@@ -66,7 +66,7 @@ def test_bad_bundle_and_device_are_one_line_errors(bundle: Path, tmp_path: Path)
     for args, keyword in (
         (["run", str(tmp_path), "x.png"], "no manifest.json"),
         (["run", str(bundle), "x.png", "--device", "tpu"], "--device 'tpu'"),
-        (["run", str(bundle), "x.png", "--recheck", "0.5"], "--recheck 0.5: expected"),  # fp32: nothing to recheck
+        (["run", str(bundle), "x.png", "--recheck", "0.5"], "--recheck 0.5: only with a reduced"),  # fp32
     ):
         proc = subprocess.run([sys.executable, "-m", "tilecore.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
