@@ -1,13 +1,13 @@
 """What a reduced-precision engine changes on a test set: image AUROC per precision and label agreement with fp32.
 
 For each bundle (exported with `tilecore export ... --precision int8,bf16`), scores the category's test
-images with fp32 (ONNX Runtime), int8 (ONNX Runtime and OpenVINO) and bf16 (OpenVINO), kNN in fp32 in
-every case, and compares each with fp32: image AUROC, label agreement at the stored threshold, and the
-largest and median score difference. `near_threshold` counts the test images whose fp32 score lies
-within that median difference of the threshold: the labels a precision of that accuracy is likely to
-flip, which bounds the agreement it can reach on this test set. `--recheck M` (or auto) adds int8 paths that score
-again in fp32 every image within M of the threshold (a cascade), counting how many it rechecked; each
-path's images/s is timed over the test set in batches of 16.
+images with fp32 (ONNX Runtime, the reference, and OpenVINO), int8 (ONNX Runtime and OpenVINO) and bf16
+(OpenVINO), kNN in fp32 in every case, and compares each with fp32: image AUROC, label agreement at the
+stored threshold, and the largest and median score difference. `near_threshold` counts the test images
+whose fp32 score lies within that median difference of the threshold: the labels a precision of that
+accuracy is likely to flip, which bounds the agreement it can reach on this test set. `--recheck M` (or
+auto) adds int8 paths that score again in fp32 every image within M of the threshold (a cascade),
+counting how many it rechecked; each path's images/s is timed over the test set in batches of 16.
 
     .venv/bin/python tools/precision_agreement.py bundles/prec/* --data data/synth256 --out runs/precision.json
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-PATHS = (("cpu", "fp32"), ("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"))
+PATHS = (("cpu", "fp32"), ("openvino", "fp32"), ("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"))
 BATCH = 16  # images per predict_batch call when timing a path
 
 
