@@ -118,3 +118,25 @@ def test_recheck_scores_images_near_the_threshold_again_in_fp32(run: Path, tmp_p
     assert auto.recheck == graph["validation"]["max_score_diff"]  # the export's own measurement
     with pytest.raises(TilecoreError, match="records no bf16 check"):
         Predictor(tmp_path / "b", device="cpu", precision="bf16", recheck="auto")
+
+
+def test_recheck_margin_reads_each_precisions_validation_check() -> None:
+    from tilecore.runtime.predictor import recheck_margin
+
+    manifest = {
+        "reduced_precision": {
+            "bf16": {"validation": {"max_score_diff": 0.3}},
+            "int8": {
+                "a.onnx": {"validation": {"max_score_diff": 0.4}},
+                "b.onnx": {"validation": {"max_score_diff": 0.7}},
+            },
+        }
+    }
+    assert recheck_margin(manifest, "bf16", "auto") == 0.3
+    assert recheck_margin(manifest, "int8", "auto") == 0.7  # the largest over the bundle's int8 graphs
+    assert recheck_margin(manifest, "int8", "0.25") == 0.25 and recheck_margin(manifest, "int8", None) is None
+    for precision, recheck, message in (("fp32", "auto", "only with a reduced"), ("int8", "-1", "expected a score")):
+        with pytest.raises(TilecoreError, match=message):
+            recheck_margin(manifest, precision, recheck)
+    with pytest.raises(TilecoreError, match="records no bf16 check"):
+        recheck_margin({}, "bf16", "auto")
