@@ -108,9 +108,7 @@ def export_run(
         raise TilecoreError(f"--index {index_kind!r}: expected one of {', '.join(INDEX_KINDS)}")
     if out.exists():
         raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
-    check_precisions(precisions)
-    if int8_max_error is not None and (not 0 < int8_max_error < 1 or "int8" not in precisions):
-        raise TilecoreError(f"--int8-max-error {int8_max_error}: expected a value in (0, 1) with --precision int8")
+    check_precisions(precisions, int8_max_error)
     trt_stack = check_build_stack(tensorrt) if tensorrt is not None else None  # fail fast, before the long work
     trt_records = []
     calibration = json.loads(calibration_path.read_text())

@@ -43,11 +43,14 @@ def check_backend(precision: str) -> str:
     return "cpu"
 
 
-def check_precisions(precisions: tuple[str, ...] | list[str]) -> None:
-    """Refuse an unknown precision, or bf16 without OpenVINO, before any export work starts."""
+def check_precisions(precisions: tuple[str, ...] | list[str], int8_max_error: float | None = None) -> None:
+    """Refuse an unknown precision, bf16 without OpenVINO, or an --int8-max-error outside (0, 1) or without
+    int8, before any export work starts."""
     for precision in precisions:
         if precision not in REDUCED_PRECISIONS:
             raise TilecoreError(f"--precision {precision!r}: expected one or more of {', '.join(REDUCED_PRECISIONS)}")
+    if int8_max_error is not None and (not 0 < int8_max_error < 1 or "int8" not in precisions):
+        raise TilecoreError(f"--int8-max-error {int8_max_error}: expected a value in (0, 1) with --precision int8")
     if "bf16" in precisions:
         from tilecore.runtime.openvino_engine import import_openvino
 
@@ -81,10 +84,16 @@ def validation_scores(bundle: Path, images: list[np.ndarray], device: str, preci
 
 
 def write_int8_graphs(
-    folder: Path, manifest: dict, run_dir: Path, category: str, grid: TileGrid, max_error: float | None = None
+    folder: Path,
+    manifest: dict,
+    run_dir: Path,
+    category: str,
+    grid: TileGrid,
+    validation: list[str],
+    max_error: float | None = None,
 ) -> dict:
     """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name, "method",
-    "embedding_error": mean relative error of its embeddings of the validation tiles}}."""
+    "embedding_error": mean relative error of its embeddings of tiles of the `validation` images}}."""
     from tilecore.export.quantize import (
         calibration_set,
         calibration_tiles,
@@ -94,14 +103,13 @@ def write_int8_graphs(
     )
 
     images = training_images(run_dir, category)
-    validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
+    input_hw = tuple(manifest["tiling"]["backbone_input"])
     graphs = {}
     for member in manifest["members"]:
         engine = member["engine"]
         if engine in graphs:
             continue
         spec = preprocess_from_manifest(member["preprocess"])
-        input_hw = tuple(manifest["tiling"]["backbone_input"])
         tiles = calibration_set(images, spec, grid, input_hw, CALIBRATION_TILES)
         checks = calibration_tiles(validation, spec, grid, input_hw, VALIDATION_TILES)
         name = engine.removesuffix(".onnx") + ".int8.onnx"
@@ -124,8 +132,9 @@ def add_reduced_precisions(
 ) -> dict:
     """Write and check each precision in `folder` (a complete, staged bundle); returns the manifest block.
 
-    `precisions` were checked by check_precisions before the export began. `write_manifest(manifest)`
-    rewrites the staged manifest, since the runtime that checks a precision reads the bundle from disk.
+    `precisions` and `int8_max_error` were checked by check_precisions before the export began.
+    `write_manifest(manifest)` rewrites the staged manifest, since the runtime that checks a precision reads
+    the bundle from disk.
     `int8_max_error` keeps the int8 layers that cost most in float until the embedding error on validation
     tiles is at most that (export.quantize.write_int8_graph).
     """
@@ -138,7 +147,7 @@ def add_reduced_precisions(
     block: dict = {"floor": floor}
     for precision in precisions:
         if precision == "int8":
-            block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid, int8_max_error)
+            block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid, validation, int8_max_error)
             manifest["reduced_precision"] = block
             write_manifest(manifest)
         backend = check_backend(precision)
