@@ -2,7 +2,8 @@
 
 int8: each backbone graph is quantized after training (static, per-channel weights, activations
 calibrated on tiles of the run's training images and of reference photographs: export.quantize) and
-written beside the fp32 graph. bf16: no new file, OpenVINO's inference-precision hint at load time.
+written beside the fp32 graph. bf16: no new file, OpenVINO's inference-precision hint at load time;
+where the export CPU has no bf16 its cost is measured on an emulation (export.bf16_emulation).
 Either way only the backbone changes: its embeddings are cast to float32 before FAISS, and kNN,
 normalisation and thresholds stay in fp32.
 
@@ -17,13 +18,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from tilecore.export.bf16_emulation import EMULATED, emulated_bf16_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.manifest import read_manifest
 from tilecore.runtime.predictor import Predictor, preprocess_from_manifest
 from tilecore.runtime.tiling import TileGrid
 
@@ -36,31 +40,24 @@ DEFAULT_FLOOR = 0.99
 
 
 def check_backend(precision: str) -> str:
-    """Where the exporter measures a precision: bf16 on OpenVINO; int8 on OpenVINO where it is installed
-    (the fastest path, bf16 in any unquantized layer), else on ONNX Runtime."""
-    if precision == "bf16" or importlib.util.find_spec("openvino") is not None:
-        return "openvino"
-    return "cpu"
+    """Where the exporter measures a precision. bf16: OpenVINO where this CPU runs bf16, else the emulation
+    (the bundle may well be exported on one machine and run on another). int8: OpenVINO where it is
+    installed (the fastest path, bf16 in any unquantized layer), else ONNX Runtime."""
+    if precision == "bf16":
+        from tilecore.runtime.openvino_engine import cpu_has_bf16
+
+        return "openvino" if cpu_has_bf16() else EMULATED
+    return "openvino" if importlib.util.find_spec("openvino") is not None else "cpu"
 
 
 def check_precisions(precisions: tuple[str, ...] | list[str], int8_max_error: float | None = None) -> None:
-    """Refuse an unknown precision, bf16 without OpenVINO, or an --int8-max-error outside (0, 1) or without
-    int8, before any export work starts."""
+    """Refuse an unknown precision, or an --int8-max-error outside (0, 1) or without int8, before any
+    export work starts."""
     for precision in precisions:
         if precision not in REDUCED_PRECISIONS:
             raise TilecoreError(f"--precision {precision!r}: expected one or more of {', '.join(REDUCED_PRECISIONS)}")
     if int8_max_error is not None and (not 0 < int8_max_error < 1 or "int8" not in precisions):
         raise TilecoreError(f"--int8-max-error {int8_max_error}: expected a value in (0, 1) with --precision int8")
-    if "bf16" in precisions:
-        from tilecore.runtime.openvino_engine import import_openvino
-
-        try:
-            import_openvino()
-        except TilecoreError:
-            raise TilecoreError(
-                "--precision bf16: it is checked and run through OpenVINO, which is not installed "
-                "(pip install 'tilecore[openvino]')"
-            ) from None
 
 
 def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> dict:
@@ -79,8 +76,15 @@ def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: fl
 
 
 def validation_scores(bundle: Path, images: list[np.ndarray], device: str, precision: str) -> np.ndarray:
-    predictor = Predictor(bundle, device=device, precision=precision)
-    return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
+    """The runtime's image scores of `images`; device EMULATED: bf16 emulated on ONNX Runtime."""
+    with tempfile.TemporaryDirectory() as folder:  # the emulated graphs never enter the bundle
+        engines = None
+        if device == EMULATED:
+            graphs = {m["engine"] for m in read_manifest(bundle, verify=False)["members"]}
+            engines = {name: emulated_bf16_engine(bundle / name, Path(folder)) for name in graphs}
+            device = "cpu"
+        predictor = Predictor(bundle, device=device, precision=precision, engines=engines)
+        return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
 
 
 def write_int8_graphs(
@@ -154,9 +158,10 @@ def add_reduced_precisions(
         candidate = validation_scores(folder, images, backend, precision)
         check = {"backend": backend, **score_difference(reference, candidate, threshold)}
         log.info(
-            "%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f; "
+            "%s%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f; "
             "%d flipped; the fp32 score nearest the threshold is %.3g from it)",
-            precision, check["images"], check["max_score_diff"], check["p99_score_diff"], check["label_agreement"],
+            precision, " (emulated: this CPU has no bf16)" if backend == EMULATED else "", check["images"],
+            check["max_score_diff"], check["p99_score_diff"], check["label_agreement"],
             floor, check["flipped_labels"], check["nearest_to_threshold"],
         )  # fmt: skip
         if check["label_agreement"] < floor:

@@ -35,6 +35,15 @@ def import_openvino():
     return openvino
 
 
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO is installed and its CPU plugin can run bf16 here (AVX-512 bf16 or AMX)."""
+    try:
+        core = import_openvino().Core()
+    except BackendMissing:
+        return False
+    return "CPU" in core.available_devices and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVinoEngine:
     """One ONNX graph compiled by OpenVINO for the CPU."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from tilecore.runtime.engine import EngineOptions, open_engine
+from tilecore.runtime.engine import Engine, EngineOptions, open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer
 from tilecore.runtime.manifest import read_manifest
@@ -104,10 +104,13 @@ class Predictor:
         gpu_id: int = 0,
         precision: str = "fp32",
         recheck: float | str | None = None,
+        engines: dict[str, Engine] | None = None,
     ) -> None:
         """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
         threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
-        the reduced precision is trusted where it is far from the threshold); "auto": recheck_margin."""
+        the reduced precision is trusted where it is far from the threshold); "auto": recheck_margin.
+        `engines`: engines already opened for `precision`, by fp32 graph name, instead of the bundle's (how
+        the exporter and the measurement tools run an emulated bf16 engine on a CPU without bf16)."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         if threads:
@@ -122,7 +125,11 @@ class Predictor:
         self.recheck = recheck_margin(m, precision, recheck)
         graphs = {x["engine"] for x in m["members"]}
         options = EngineOptions(device, threads, max_batch, precision, gpu_id)
-        self.engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
+        if engines is None:
+            engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
+        elif set(engines) != graphs:
+            raise TilecoreError(f"engines for {sorted(engines)}: the bundle's members use {sorted(graphs)}")
+        self.engines = engines
         self.fp32_engines = {}  # the cascade's second stage: same device, full precision, same indexes
         if self.recheck is not None:
             fp32 = EngineOptions(device, threads, max_batch, "fp32", gpu_id)

@@ -2,11 +2,12 @@
 
 For each bundle (exported with `tilecore export ... --precision int8,bf16`), scores the category's test
 images with fp32 (ONNX Runtime, the reference, and OpenVINO), int8 (ONNX Runtime and OpenVINO) and bf16
-(OpenVINO), kNN in fp32 in every case, and compares each with fp32: image AUROC, label agreement at the
+(OpenVINO where the CPU has bf16; everywhere, bf16 emulated on ONNX Runtime: export.bf16_emulation, device
+"emulated" in the rows), kNN in fp32 in every case, and compares each with fp32: image AUROC, label agreement at the
 stored threshold, and the largest and median score difference. `near_threshold` counts the test images
 whose fp32 score lies within that median difference of the threshold: the labels a precision of that
 accuracy is likely to flip, which bounds the agreement it can reach on this test set. `--recheck M` (or
-auto) adds int8 paths that score again in fp32 every image within M of the threshold (a cascade),
+auto) adds int8 and bf16 paths that score again in fp32 every image within M of the threshold (a cascade),
 counting how many it rechecked; each path's images/s is timed over the test set in batches of 16.
 
     .venv/bin/python tools/precision_agreement.py bundles/prec/* --data data/synth256 --out runs/precision.json
@@ -16,12 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-PATHS = (("cpu", "fp32"), ("openvino", "fp32"), ("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"))
+PATHS = (
+    ("cpu", "fp32"),
+    ("openvino", "fp32"),
+    ("cpu", "int8"),
+    ("openvino", "int8"),
+    ("openvino", "bf16"),
+    ("emulated", "bf16"),
+)
+CASCADES = (("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"), ("emulated", "bf16"))
 BATCH = 16  # images per predict_batch call when timing a path
 
 
@@ -39,17 +50,21 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, default=Path("data/synth256"))
     parser.add_argument("--out", type=Path, default=Path("runs/precision.json"))
-    parser.add_argument("--recheck", help="also measure int8 with this fp32 recheck margin (a cascade), or auto")
+    parser.add_argument(
+        "--recheck", help="also measure int8 and bf16 with this fp32 recheck margin (cascades), or auto"
+    )
     args = parser.parse_args()
-    routes = PATHS + ((("cpu", "int8", args.recheck), ("openvino", "int8", args.recheck)) if args.recheck else ())
+    routes = PATHS + tuple((*path, args.recheck) for path in CASCADES if args.recheck)
 
     from sklearn.metrics import roc_auc_score
 
+    from tilecore.export.bf16_emulation import EMULATED, emulated_bf16_engine
     from tilecore.runtime.errors import TilecoreError
     from tilecore.runtime.image_io import read_rgb
     from tilecore.runtime.predictor import Predictor
 
     rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="tilecore-bf16-emulated-"))  # emulated graphs, outside the bundles
     for bundle in args.bundles:
         manifest = json.loads((bundle / "manifest.json").read_text())
         paths = sorted((args.data / manifest["category"] / "test").glob("*/*.png"))
@@ -58,8 +73,19 @@ def main() -> None:
         scores, rechecked, speed, rechecked_margin = {}, {}, {}, {}
         for device, precision, *recheck in routes:
             margin = recheck[0] if recheck else None
+            engines = None
+            if device == EMULATED:
+                graphs = {member["engine"] for member in manifest["members"]}
+                engines = {name: emulated_bf16_engine(bundle / name, scratch, threads=2) for name in graphs}
             try:
-                predictor = Predictor(bundle, device=device, threads=2, precision=precision, recheck=margin)
+                predictor = Predictor(
+                    bundle,
+                    device="cpu" if device == EMULATED else device,
+                    threads=2,
+                    precision=precision,
+                    recheck=margin,
+                    engines=engines,
+                )
             except TilecoreError as exc:
                 print(f"{bundle.name} {device} {precision}: not measured ({exc})")
                 continue
@@ -90,6 +116,7 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    shutil.rmtree(scratch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
