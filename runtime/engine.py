@@ -43,6 +43,7 @@ class EngineOptions:
     precision: str = "fp32"  # fp32 | bf16 | int8 | auto (what the backend and bundle offer)
     gpu_id: int = 0
     cache_dir: Path | None = None  # compiled-model cache (OpenVINO); None: the user's cache folder
+    streams: int = 1  # OpenVINO inference streams run in parallel, `threads` shared among them
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -51,6 +52,8 @@ class EngineOptions:
             raise TilecoreError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.max_batch < 1:
             raise TilecoreError(f"max batch {self.max_batch}: expected >= 1")
+        if self.streams < 1:
+            raise TilecoreError(f"--streams {self.streams}: expected >= 1")
 
 
 class Engine(Protocol):
@@ -125,6 +128,8 @@ class OrtEngine:
 
 def open_backend(path: Path, options: EngineOptions, device: str) -> Engine:
     """The engine for one concrete device name (never `auto`)."""
+    if options.streams > 1 and device != "openvino":
+        raise BackendMissing(f"--streams {options.streams}: parallel streams are OpenVINO's; use --device openvino")
     if device == "openvino":
         from tilecore.runtime.openvino_engine import OpenVinoEngine
 
@@ -140,12 +145,14 @@ def open_engine(path: Path, options: EngineOptions) -> Engine:
     """The engine for the ONNX graph at `path` on options.device; `auto` takes the first backend present."""
     if options.device != "auto":
         return open_backend(path, options, options.device)
+    reasons = []
     for device in AUTO_ORDER:
         try:
             engine = open_backend(path, options, device)
         except BackendMissing as missing:
             log.debug("auto: %s", missing)
+            reasons.append(str(missing))
             continue
         log.info("engine %s runs on %s", path.name, engine.provider)
         return engine
-    raise TilecoreError(f"engine {path.name}: no backend could load it")  # cpu is always present; kept for clarity
+    raise TilecoreError(f"engine {path.name}: no backend could load it ({reasons[-1]})")  # cpu, then, was refused

@@ -105,12 +105,14 @@ class Predictor:
         precision: str = "fp32",
         recheck: float | str | None = None,
         engines: dict[str, Engine] | None = None,
+        streams: int = 1,
     ) -> None:
         """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
         threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
         the reduced precision is trusted where it is far from the threshold); "auto": recheck_margin.
         `engines`: engines already opened for `precision`, by fp32 graph name, instead of the bundle's (how
-        the exporter and the measurement tools run an emulated bf16 engine on a CPU without bf16)."""
+        the exporter and the measurement tools run an emulated bf16 engine on a CPU without bf16).
+        `streams`: OpenVINO's parallel inference streams (EngineOptions.streams)."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         if threads:
@@ -124,7 +126,7 @@ class Predictor:
         self.thresholds = m["thresholds"]
         self.recheck = recheck_margin(m, precision, recheck)
         graphs = {x["engine"] for x in m["members"]}
-        options = EngineOptions(device, threads, max_batch, precision, gpu_id)
+        options = EngineOptions(device, threads, max_batch, precision, gpu_id, streams=streams)
         if engines is None:
             engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
         elif set(engines) != graphs:
@@ -132,7 +134,7 @@ class Predictor:
         self.engines = engines
         self.fp32_engines = {}  # the cascade's second stage: same device, full precision, same indexes
         if self.recheck is not None:
-            fp32 = EngineOptions(device, threads, max_batch, "fp32", gpu_id)
+            fp32 = replace(options, precision="fp32")
             self.fp32_engines = {name: open_engine(self.bundle / name, fp32) for name in graphs}
         indexes = {name: faiss.read_index(str(self.bundle / name)) for x in m["members"] for name in set(x["banks"])}
         self.members = []

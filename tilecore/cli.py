@@ -185,6 +185,9 @@ def run_bundle(
     ] = None,
     batch: Annotated[int, typer.Option(help="Images scored together.")] = 4,
     threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
+    streams: Annotated[
+        int, typer.Option(help="OpenVINO inference streams run in parallel, sharing --threads (openvino only).")
+    ] = 1,
     overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
     masks: Annotated[bool, typer.Option(help="Write binary anomaly masks.")] = False,
 ) -> None:
@@ -194,7 +197,7 @@ def run_bundle(
 
     if batch < 1:
         raise TilecoreError(f"--batch {batch}: expected >= 1")
-    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck)
+    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams)
 
     def show(record: dict) -> None:
         if "error" in record:
@@ -218,6 +221,7 @@ def bench(
     min_images: Annotated[int, typer.Option(help="Images per figure (or until --duration).")] = 100,
     threads: Annotated[int, typer.Option(help="CPU threads for engines and kNN (0: library default).")] = 0,
     max_batch: Annotated[int, typer.Option(help="Tiles per engine call.")] = 16,
+    streams: Annotated[str, typer.Option(help="OpenVINO inference streams, comma-separated: each is measured.")] = "1",
     run: Annotated[str, typer.Option(help="Run dir for --device pytorch (default: the bundle's source run).")] = "",
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and the plots.")] = Path("bench"),
     memory_sweep: Annotated[bool, typer.Option(help="Also measure memory vs resolution (needs torch).")] = False,
@@ -236,7 +240,10 @@ def bench(
     protocol = QUICK if quick else Protocol(parse_batches(batch), duration, min_images, 3, max_batch)
     devices, precisions = parse_list(device, "--device"), parse_list(precision, "--precision")
     sizes = tuple(int(x) for x in parse_batches(sweep_sizes))
-    jobs, notes = plan_jobs(bundles, devices, precisions, protocol, work, images, threads, run, 4 if quick else 16)
+    stream_counts = parse_batches(streams, "--streams")
+    jobs, notes = plan_jobs(
+        bundles, devices, precisions, protocol, work, images, threads, run, 4 if quick else 16, stream_counts
+    )
     report: dict = {
         "machine": machine_description(),
         "threads": threads,

@@ -59,6 +59,16 @@ def test_bad_batch_list_is_refused() -> None:
     for text in ("0,8", "a", ""):
         with pytest.raises(TilecoreError, match="--batch"):
             parse_batches(text)
+    with pytest.raises(TilecoreError, match="--streams '0'"):
+        parse_batches("0", "--streams")
+
+
+def test_openvino_is_planned_at_each_stream_count_the_others_at_one(bundles: list[Path], tmp_path: Path) -> None:
+    from tilecore.bench.plan import plan_jobs
+    from tilecore.bench.protocol import QUICK
+
+    jobs, _ = plan_jobs(bundles[:1], ["cpu", "openvino"], ["fp32"], QUICK, tmp_path, streams=(1, 2))
+    assert [job.backend for job in jobs] == ["cpu", "openvino", "openvino 2 streams"]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:

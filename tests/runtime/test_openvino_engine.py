@@ -76,3 +76,25 @@ def test_missing_openvino_is_named_and_auto_falls_back(bundle: Path, monkeypatch
         open_engine(engine_path(bundle), EngineOptions("openvino"))
     engine = open_engine(engine_path(bundle), EngineOptions("auto"))
     assert engine.provider == "CPUExecutionProvider"
+
+
+def test_streams_run_chunks_in_parallel_and_keep_their_order(bundle: Path, tmp_path: Path) -> None:
+    one = EngineOptions("openvino", threads=2, max_batch=2, cache_dir=tmp_path)
+    two = EngineOptions("openvino", threads=2, max_batch=2, cache_dir=tmp_path, streams=2)
+    reference, parallel = open_engine(engine_path(bundle), one), open_engine(engine_path(bundle), two)
+    assert "2 streams" in parallel.provider and "streams" not in reference.provider
+    batch = tiles(5)  # chunks of 2, 2 and 1 tiles, two in flight at a time
+    np.testing.assert_allclose(parallel.run(batch), reference.run(batch), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(parallel.run(batch[3:]), reference.run(batch[3:]), rtol=1e-5, atol=1e-5)
+    images = [read_rgb(p) for p in sorted((bundle.parent / "data" / "brick" / "test").glob("*/*.png"))]
+    cpu = [r.score for r in Predictor(bundle, device="cpu").predict_batch(images)]
+    ov = [r.score for r in Predictor(bundle, device="openvino", threads=2, streams=2).predict_batch(images)]
+    assert np.allclose(ov, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_streams_are_openvinos_only(bundle: Path) -> None:
+    with pytest.raises(TilecoreError, match="--streams 2: parallel streams are OpenVINO's"):
+        open_engine(engine_path(bundle), EngineOptions("cpu", streams=2))
+    with pytest.raises(TilecoreError, match="--streams 0"):
+        EngineOptions("openvino", streams=0)
+    assert "2 streams" in open_engine(engine_path(bundle), EngineOptions("auto", streams=2)).provider

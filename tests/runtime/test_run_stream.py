@@ -67,6 +67,7 @@ def test_bad_bundle_and_device_are_one_line_errors(bundle: Path, tmp_path: Path)
         (["run", str(tmp_path), "x.png"], "no manifest.json"),
         (["run", str(bundle), "x.png", "--device", "tpu"], "--device 'tpu'"),
         (["run", str(bundle), "x.png", "--recheck", "0.5"], "--recheck 0.5: only with a reduced"),  # fp32
+        (["run", str(bundle), "x.png", "--device", "cpu", "--streams", "2"], "--streams 2: parallel streams"),
     ):
         proc = subprocess.run([sys.executable, "-m", "tilecore.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -33,6 +33,12 @@ class Job:
     label: str = ""  # the setup's name in tables and plots
     run: str = ""  # run dir for "pytorch"; empty: the manifest's source_run
     memory_only: bool = False  # load, score two images, report memory (the resolution sweep)
+    streams: int = 1  # OpenVINO's parallel inference streams
+
+    @property
+    def backend(self) -> str:
+        """The device as tables name it: "openvino 2 streams" where streams run in parallel."""
+        return self.device if self.streams == 1 else f"{self.device} {self.streams} streams"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +147,9 @@ def load_scorer(job: Job):
 
         model = load_eager_model(Path(job.bundle), job.run, job.threads)
         return model.predict, None
-    predictor = Predictor(job.bundle, job.device, job.threads, job.protocol.max_batch, precision=job.precision)
+    predictor = Predictor(
+        job.bundle, job.device, job.threads, job.protocol.max_batch, precision=job.precision, streams=job.streams
+    )
     return predictor.predict_batch, predictor
 
 
@@ -158,7 +166,7 @@ def measure(job: Job) -> dict:
     row: dict = {
         "label": job.label,
         "bundle": job.bundle,
-        "backend": job.device,
+        "backend": job.backend,
         "precision": job.precision,
         "provider": ", ".join(predictor.providers) if predictor else "PyTorch eager (CPU)",
         "image_hw": list(images[0].shape[:2]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -49,14 +50,15 @@ def parse_list(text: str, name: str, allowed: tuple[str, ...] | None = None) -> 
     return items
 
 
-def parse_batches(text: str) -> tuple[int, ...]:
+def parse_batches(text: str, option: str = "--batch") -> tuple[int, ...]:
+    """Positive integers, comma-separated (batch sizes, stream counts, resolutions)."""
     try:
-        batches = tuple(int(x) for x in parse_list(text, "--batch"))
+        values = tuple(int(x) for x in parse_list(text, option))
     except ValueError:
-        raise TilecoreError(f"--batch {text!r}: expected positive integers such as 1,8,16") from None
-    if any(b < 1 for b in batches):
-        raise TilecoreError(f"--batch {text!r}: expected positive integers such as 1,8,16")
-    return batches
+        raise TilecoreError(f"{option} {text!r}: expected positive integers such as 1,8,16") from None
+    if any(v < 1 for v in values):
+        raise TilecoreError(f"{option} {text!r}: expected positive integers such as 1,8,16")
+    return values
 
 
 def synthetic_inputs(folder: Path, height: int, width: int, count: int) -> list[str]:
@@ -96,8 +98,10 @@ def plan_jobs(
     threads: int = 0,
     run: str = "",
     image_count: int = 16,
+    streams: tuple[int, ...] = (1,),
 ) -> tuple[list[Job], list[str]]:
-    """(jobs in measurement order, notes on the pairs that are skipped)."""
+    """(jobs in measurement order, notes on the pairs that are skipped). `streams`: OpenVINO is measured
+    at each; the other backends run one stream."""
     for device in devices:
         if device not in BACKENDS:
             raise TilecoreError(f"--device {device!r}: expected one of {', '.join(BACKENDS)}")
@@ -110,5 +114,7 @@ def plan_jobs(
                 if precision not in PRECISIONS_BY_BACKEND[device]:
                     notes.append(f"{bundle.name}: {device} does not run {precision}; not measured")
                     continue
-                jobs.append(Job(str(bundle), device, precision, images, protocol, threads, bundle.name, run))
+                for count in streams if device == "openvino" else (1,):
+                    job = Job(str(bundle), device, precision, images, protocol, threads, bundle.name, run)
+                    jobs.append(replace(job, streams=count))
     return jobs, notes

@@ -21,7 +21,7 @@ def run_job(job: Job) -> dict:
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         reason = (proc.stderr.strip().splitlines() or [f"worker exited with {proc.returncode}"])[-1]
-        return {"label": job.label, "backend": job.device, "precision": job.precision, "error": reason[:300]}
+        return {"label": job.label, "backend": job.backend, "precision": job.precision, "error": reason[:300]}
     return json.loads(lines[-1])
 
 

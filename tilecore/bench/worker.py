@@ -14,7 +14,7 @@ def main() -> None:
     try:
         result = measure(job)
     except TilecoreError as exc:
-        result = {"label": job.label, "backend": job.device, "precision": job.precision, "error": str(exc)}
+        result = {"label": job.label, "backend": job.backend, "precision": job.precision, "error": str(exc)}
     print(json.dumps(result), flush=True)
 
 
