@@ -3,7 +3,8 @@
 int8: each backbone graph is quantized after training (static, per-channel weights, activations
 calibrated on tiles of the run's training images and of reference photographs: export.quantize) and
 written beside the fp32 graph. bf16: no new file, OpenVINO's inference-precision hint at load time;
-where the export CPU has no bf16 its cost is measured on an emulation (export.bf16_emulation).
+where the export CPU has no bf16 instructions its cost is measured on OpenVINO's simulation of bf16, or
+where OpenVINO gives none, on an emulation (export.bf16_emulation).
 Either way only the backbone changes: its embeddings are cast to float32 before FAISS, and kNN,
 normalisation and thresholds stay in fp32.
 
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.export.bf16_emulation import EMULATED, emulated_bf16_engine
+from tilecore.runtime.engine import Engine, EngineOptions
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.manifest import read_manifest
+from tilecore.runtime.openvino_engine import OpenVinoEngine, cpu_has_bf16
 from tilecore.runtime.predictor import Predictor, preprocess_from_manifest
 from tilecore.runtime.tiling import TileGrid
 
@@ -37,17 +40,41 @@ REDUCED_PRECISIONS = ("int8", "bf16")
 CALIBRATION_TILES = 128
 VALIDATION_TILES = 64  # tiles of validation images the embedding error (and --int8-max-error) is measured on
 DEFAULT_FLOOR = 0.99
+SIMULATED = "openvino-simulated"  # OpenVINO's bf16 simulated on a CPU without bf16 instructions
+BACKEND_NOTES = {
+    SIMULATED: " (OpenVINO's bf16 simulated: this CPU has no bf16 instructions)",
+    EMULATED: " (emulated: no bf16 from OpenVINO on this CPU)",
+}
 
 
 def check_backend(precision: str) -> str:
-    """Where the exporter measures a precision. bf16: OpenVINO where this CPU runs bf16, else the emulation
-    (the bundle may well be exported on one machine and run on another). int8: OpenVINO where it is
-    installed (the fastest path, bf16 in any unquantized layer), else ONNX Runtime."""
-    if precision == "bf16":
-        from tilecore.runtime.openvino_engine import cpu_has_bf16
-
-        return "openvino" if cpu_has_bf16() else EMULATED
+    """Where the exporter measures int8: OpenVINO where it is installed (the fastest path, bf16 in any
+    unquantized layer), else ONNX Runtime. bf16: bf16_check_engines."""
     return "openvino" if importlib.util.find_spec("openvino") is not None else "cpu"
+
+
+def bf16_engines(bundle: Path, backend: str, folder: Path, threads: int = 0) -> dict[str, Engine]:
+    """The bundle's graphs as bf16 engines on a CPU without bf16 instructions. SIMULATED: OpenVINO's own
+    bf16, simulated (AVX-512; its numerics, not its speed). EMULATED: every tensor rounded to bf16 on ONNX
+    Runtime (export.bf16_emulation; the rewritten graphs go to `folder`)."""
+    graphs = {m["engine"] for m in read_manifest(bundle, verify=False)["members"]}
+    if backend == SIMULATED:
+        options = EngineOptions("openvino", threads, precision="bf16", simulated_bf16=True)
+        return {name: OpenVinoEngine(bundle / name, options) for name in graphs}
+    return {name: emulated_bf16_engine(bundle / name, folder, threads) for name in graphs}
+
+
+def bf16_check_engines(bundle: Path, folder: Path) -> tuple[str, dict[str, Engine] | None]:
+    """(backend, engines) the exporter measures bf16 with; a bundle is often exported on one machine and
+    run on another. OpenVINO's bf16 where the CPU has bf16 instructions (engines None: the runtime opens
+    them); else OpenVINO's simulation of it; else (no OpenVINO, or no bf16 from it here) the emulation."""
+    if cpu_has_bf16():
+        return "openvino", None
+    try:
+        return SIMULATED, bf16_engines(bundle, SIMULATED, folder)
+    except TilecoreError as exc:
+        log.debug("bf16 check: %s; emulating bf16 instead", exc)
+        return EMULATED, bf16_engines(bundle, EMULATED, folder)
 
 
 def check_precisions(precisions: tuple[str, ...] | list[str], int8_max_error: float | None = None) -> None:
@@ -75,16 +102,24 @@ def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: fl
     }
 
 
-def validation_scores(bundle: Path, images: list[np.ndarray], device: str, precision: str) -> np.ndarray:
-    """The runtime's image scores of `images`; device EMULATED: bf16 emulated on ONNX Runtime."""
-    with tempfile.TemporaryDirectory() as folder:  # the emulated graphs never enter the bundle
-        engines = None
-        if device == EMULATED:
-            graphs = {m["engine"] for m in read_manifest(bundle, verify=False)["members"]}
-            engines = {name: emulated_bf16_engine(bundle / name, Path(folder)) for name in graphs}
-            device = "cpu"
-        predictor = Predictor(bundle, device=device, precision=precision, engines=engines)
-        return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
+def validation_scores(
+    bundle: Path, images: list[np.ndarray], device: str, precision: str, engines: dict[str, Engine] | None = None
+) -> np.ndarray:
+    """The runtime's image scores of `images` on `device`, or with `engines` already opened."""
+    predictor = Predictor(bundle, device=device, precision=precision, engines=engines)
+    return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
+
+
+def precision_scores(bundle: Path, images: list[np.ndarray], precision: str) -> tuple[str, np.ndarray]:
+    """(backend, scores of `images`) for a reduced precision: int8 on check_backend, bf16 on
+    bf16_check_engines."""
+    if precision != "bf16":
+        backend = check_backend(precision)
+        return backend, validation_scores(bundle, images, backend, precision)
+    with tempfile.TemporaryDirectory() as scratch:  # emulated graphs never enter the bundle
+        backend, engines = bf16_check_engines(bundle, Path(scratch))
+        device = "openvino" if engines is None else "cpu"  # opened engines: the device only places FAISS
+        return backend, validation_scores(bundle, images, device, precision, engines)
 
 
 def write_int8_graphs(
@@ -154,13 +189,12 @@ def add_reduced_precisions(
             block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid, validation, int8_max_error)
             manifest["reduced_precision"] = block
             write_manifest(manifest)
-        backend = check_backend(precision)
-        candidate = validation_scores(folder, images, backend, precision)
+        backend, candidate = precision_scores(folder, images, precision)
         check = {"backend": backend, **score_difference(reference, candidate, threshold)}
         log.info(
             "%s%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f; "
             "%d flipped; the fp32 score nearest the threshold is %.3g from it)",
-            precision, " (emulated: this CPU has no bf16)" if backend == EMULATED else "", check["images"],
+            precision, BACKEND_NOTES.get(backend, ""), check["images"],
             check["max_score_diff"], check["p99_score_diff"], check["label_agreement"],
             floor, check["flipped_labels"], check["nearest_to_threshold"],
         )  # fmt: skip

@@ -44,6 +44,9 @@ class EngineOptions:
     gpu_id: int = 0
     cache_dir: Path | None = None  # compiled-model cache (OpenVINO); None: the user's cache folder
     streams: int = 1  # OpenVINO inference streams run in parallel, `threads` shared among them
+    # measurement only: let OpenVINO simulate bf16 on a CPU without bf16 instructions (its bf16 numerics,
+    # at a fraction of fp32's speed); a deployment on such a CPU is refused bf16
+    simulated_bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -7,6 +7,10 @@ bf16 on CPUs that have it). An int8 engine is a quantized graph from the bundle,
 its unquantized layers get OpenVINO's default (bf16 where the CPU has it). Embeddings come back as
 float32 in every case, so kNN stays fp32.
 
+On a CPU without bf16 instructions OpenVINO still compiles bf16 (on AVX-512 it simulates it: bf16
+numerics, 2.6x slower than fp32 on lite0 here), so `--precision bf16` is refused there; the exporter
+and the measurement tools ask for the simulation with EngineOptions.simulated_bf16.
+
 `streams` > 1 compiles the graph for that many parallel inference streams (OpenVINO's NUM_STREAMS,
 the threads shared among them) and splits each call's tiles into one chunk per stream, run through an
 AsyncInferQueue: on CPUs where one stream cannot keep every core busy, throughput rises.
@@ -57,8 +61,11 @@ class OpenVinoEngine:
         core = ov.Core()
         if "CPU" not in core.available_devices:
             raise BackendMissing(f"--device openvino: OpenVINO sees no CPU device (it sees {core.available_devices})")
-        if options.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise TilecoreError("--precision bf16: this CPU has no bf16 support (OpenVINO's CPU plugin reports none)")
+        native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if options.precision == "bf16" and not native_bf16 and not options.simulated_bf16:
+            raise TilecoreError(
+                "--precision bf16: this CPU has no bf16 instructions (OpenVINO would simulate bf16, slower than fp32)"
+            )
         cache = options.cache_dir or default_cache_dir()
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -82,6 +89,10 @@ class OpenVinoEngine:
         self.queue = ov.AsyncInferQueue(compiled, options.streams) if options.streams > 1 else None
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type, e.g. bf16 or f32
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        if options.precision == "bf16" and self.precision != "bf16":
+            raise TilecoreError(f"--precision bf16: OpenVINO compiled {path.name} in {self.precision} on this CPU")
+        if self.precision == "bf16" and not native_bf16:
+            self.precision = "bf16 simulated"
         graph = "int8 graph, " if options.precision == "int8" else ""
         streams = f", {options.streams} streams" if options.streams > 1 else ""
         self.provider = f"OpenVINO CPU ({graph}{self.precision}{streams})"
