@@ -2,13 +2,15 @@
 
 For each bundle (exported with `tilecore export ... --precision int8,bf16`), scores the category's test
 images with fp32 (ONNX Runtime, the reference, and OpenVINO), int8 (ONNX Runtime and OpenVINO) and bf16
-(OpenVINO where the CPU has bf16; everywhere, bf16 emulated on ONNX Runtime: export.bf16_emulation, device
-"emulated" in the rows), kNN in fp32 in every case, and compares each with fp32: image AUROC, label agreement at the
-stored threshold, and the largest and median score difference. `near_threshold` counts the test images
-whose fp32 score lies within that median difference of the threshold: the labels a precision of that
-accuracy is likely to flip, which bounds the agreement it can reach on this test set. `--recheck M` (or
-auto) adds int8 and bf16 paths that score again in fp32 every image within M of the threshold (a cascade),
-counting how many it rechecked; each path's images/s is timed over the test set in batches of 16.
+(OpenVINO where the CPU has bf16 instructions; "openvino-simulated": OpenVINO's bf16 simulated on an
+AVX-512 CPU without them, its numerics but not its speed; "emulated": every tensor rounded to bf16 on
+ONNX Runtime, export.bf16_emulation), kNN in fp32 in every case, and compares each with fp32: image
+AUROC, label agreement at the stored threshold, and the largest and median score difference.
+`near_threshold` counts the test images whose fp32 score lies within that median difference of the
+threshold: the labels a precision of that accuracy is likely to flip, which bounds the agreement it can
+reach on this test set. `--recheck M` (or auto) adds int8 and bf16 paths that score again in fp32 every
+image within M of the threshold (a cascade), counting how many it rechecked; each path's images/s is
+timed over the test set in batches of 16.
 
     .venv/bin/python tools/precision_agreement.py bundles/prec/* --data data/synth256 --out runs/precision.json
 """
@@ -30,9 +32,10 @@ PATHS = (
     ("cpu", "int8"),
     ("openvino", "int8"),
     ("openvino", "bf16"),
+    ("openvino-simulated", "bf16"),
     ("emulated", "bf16"),
 )
-CASCADES = (("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"), ("emulated", "bf16"))
+CASCADES = (("cpu", "int8"), ("openvino", "int8"), ("openvino", "bf16"), ("openvino-simulated", "bf16"))
 BATCH = 16  # images per predict_batch call when timing a path
 
 
@@ -58,7 +61,8 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from tilecore.export.bf16_emulation import EMULATED, emulated_bf16_engine
+    from tilecore.export.bf16_emulation import EMULATED
+    from tilecore.export.reduced_precision import SIMULATED, bf16_engines
     from tilecore.runtime.errors import TilecoreError
     from tilecore.runtime.image_io import read_rgb
     from tilecore.runtime.predictor import Predictor
@@ -73,14 +77,11 @@ def main() -> None:
         scores, rechecked, speed, rechecked_margin = {}, {}, {}, {}
         for device, precision, *recheck in routes:
             margin = recheck[0] if recheck else None
-            engines = None
-            if device == EMULATED:
-                graphs = {member["engine"] for member in manifest["members"]}
-                engines = {name: emulated_bf16_engine(bundle / name, scratch, threads=2) for name in graphs}
             try:
+                engines = bf16_engines(bundle, device, scratch, threads=2) if device in (SIMULATED, EMULATED) else None
                 predictor = Predictor(
                     bundle,
-                    device="cpu" if device == EMULATED else device,
+                    device="cpu" if engines else device,
                     threads=2,
                     precision=precision,
                     recheck=margin,
