@@ -8,8 +8,8 @@ its unquantized layers get OpenVINO's default (bf16 where the CPU has it). Embed
 float32 in every case, so kNN stays fp32.
 
 On a CPU without bf16 instructions OpenVINO still compiles bf16 (on AVX-512 it simulates it: bf16
-numerics, 2.6x slower than fp32 on lite0 here), so `--precision bf16` is refused there; the exporter
-and the measurement tools ask for the simulation with EngineOptions.simulated_bf16.
+numerics, slower than fp32), so `--precision bf16` is refused there; the exporter and the measurement
+tools ask for the simulation with EngineOptions.simulated_bf16.
 
 `streams` > 1 compiles the graph for that many parallel inference streams (OpenVINO's NUM_STREAMS,
 the threads shared among them) and splits each call's tiles into one chunk per stream, run through an
