@@ -45,7 +45,7 @@ def import_openvino():
 
 
 def cpu_has_bf16() -> bool:
-    """Whether OpenVINO is installed and its CPU plugin can run bf16 here (AVX-512 bf16 or AMX)."""
+    """Whether OpenVINO is installed and reports bf16 instructions on this CPU (AVX-512 bf16 or AMX)."""
     try:
         core = import_openvino().Core()
     except BackendMissing:
