@@ -44,13 +44,18 @@ def import_openvino():
     return openvino
 
 
+def reports_bf16(core) -> bool:
+    """Whether OpenVINO's CPU plugin (`core`: an ov.Core) reports bf16 instructions (AVX-512 bf16 or AMX)."""
+    return "CPU" in core.available_devices and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def cpu_has_bf16() -> bool:
-    """Whether OpenVINO is installed and reports bf16 instructions on this CPU (AVX-512 bf16 or AMX)."""
+    """Whether OpenVINO is installed and reports bf16 instructions on this CPU."""
     try:
         core = import_openvino().Core()
     except BackendMissing:
         return False
-    return "CPU" in core.available_devices and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return reports_bf16(core)
 
 
 class OpenVinoEngine:
@@ -61,7 +66,7 @@ class OpenVinoEngine:
         core = ov.Core()
         if "CPU" not in core.available_devices:
             raise BackendMissing(f"--device openvino: OpenVINO sees no CPU device (it sees {core.available_devices})")
-        native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        native_bf16 = reports_bf16(core)
         if options.precision == "bf16" and not native_bf16 and not options.simulated_bf16:
             raise TilecoreError(
                 "--precision bf16: this CPU has no bf16 instructions (OpenVINO would simulate bf16, slower than fp32)"
