@@ -2,20 +2,37 @@
 
 `iter_sources(spec)` resolves INPUT into lazily loaded `(name, loader)` pairs and refuses, up front, a spec
 that names nothing. `stream(spec)` decodes ahead in a background thread through a bounded queue, so memory
-stays bounded however long the stream (a camera never ends), and yields `Item`s in input order. An input
-that cannot be read becomes an `Item` with `error` set and the stream goes on.
+stays bounded however long the stream (a camera never ends), and yields `Item`s in input order.
+
+Every input is accounted for: exactly one `Item` per image file, list entry, glob match and video frame,
+with `error` set when it cannot be read, and the stream goes on.
 
 Which kind INPUT is, checked in this order:
 
-* an existing folder: its images (suffix in `IMAGE_SUFFIXES`), sorted by name, not recursive;
+* an existing folder: every entry whose name has an image suffix (`IMAGE_SUFFIXES`, any case), sorted by
+  name, not recursive; entries that are not readable image files (broken links, folders named `x.png`,
+  pipes, unreadable or corrupt files) are error Items, not dropped;
 * an existing file: a video (`VIDEO_SUFFIXES`), a list file (`LIST_SUFFIXES`: one path per line, blank
-  lines and lines starting with `#` ignored, relative paths resolved against the list file's folder) or
-  a single image (`IMAGE_SUFFIXES`); any other suffix is refused;
-* a string of digits: a camera index (`cv2.VideoCapture(int(spec))`);
-* a glob pattern (`*`, `?`, `[`; `**` recurses): the images it matches, sorted.
+  lines and lines starting with `#` ignored, relative paths resolved against the list file's folder; a
+  missing entry is an error Item) or a single image (`IMAGE_SUFFIXES`); any other suffix is refused;
+* a string of digits: a camera index 0 to 99 (`cv2.VideoCapture(index)`; OpenCV reads larger numbers as
+  a backend id plus an index, so they are refused);
+* a glob pattern (`*`, `?`, `[`; `**` recurses): the matches with an image suffix, sorted, as for folders.
 
-Names: an image's path, `"<video path>#<frame index>"` for video frames, `"camera<k>#<frame index>"` for
-camera frames.
+Names (`Item.name`): an image's path, `"<video path>#<frame index>"` for video frames and
+`"camera<k>#<frame index>"` for camera frames. Paths are written by `display_path`: a file name that is
+not valid UTF-8 has each invalid byte written as `\\xNN` (backslashreplace), so a name is always a str
+that any JSON writer and terminal takes, and the same on every run.
+
+Video frames: OpenCV's `read()` returns False both at the end and when a frame cannot be decoded. A
+video's `CAP_PROP_FRAME_COUNT` tells them apart: a failed read before that count is an error Item for
+that frame index and reading goes on (FFmpeg moves past a frame it cannot decode); at or after the count
+it is the end. After `MAX_FAILED_FRAMES` failed reads in a row, one last error Item names the remaining
+frames and the video stops (a cut-short file). What cannot be told: when a video reports no count (0 or
+less: some streams) every failed read is taken as the end; FFmpeg estimates the count from duration x
+frame rate for containers without a frame index (some MKV/WebM), so a failure within the estimate's error
+of the end may be taken for either. A camera never ends: a failed camera read is an error Item and the
+stream stops there (camera unplugged).
 """
 
 from __future__ import annotations
@@ -34,10 +51,12 @@ import cv2
 import numpy as np
 
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.image_io import IMAGE_SUFFIXES, read_rgb
+from tilecore.runtime.image_io import IMAGE_SUFFIXES, MAX_PIXELS_ENV, display_path, pixel_limit, read_rgb
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
 LIST_SUFFIXES = (".txt", ".lst")
+MAX_CAMERA_INDEX = 99  # OpenCV reads index >= 100 as (backend id) + (index % 100)
+MAX_FAILED_FRAMES = 8  # failed video reads in a row before the rest of the video is given up
 
 Loader = Callable[[], np.ndarray]
 
@@ -49,7 +68,7 @@ _JOIN_S = 2.0  # how long closing a stream waits for the producer (a daemon thre
 class Item:
     """One input of a stream: its image, or why there is none."""
 
-    name: str  # path of the image, "<video path>#<frame index>" or "camera<k>#<frame index>"
+    name: str  # display_path of the image, "<video path>#<frame index>" or "camera<k>#<frame index>"
     image: np.ndarray | None  # RGB uint8 [H, W, 3] when readable
     error: str | None  # one-line message when not
 
@@ -62,17 +81,19 @@ def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
     """Resolve INPUT into `(name, loader)` pairs, yielded lazily; each loader returns RGB uint8 [H, W, 3].
 
     Raises TilecoreError at call time (not at the first `next`) when the spec matches nothing, a folder or
-    glob holds no images, a list file lists nothing, a file has an unsupported suffix, or a video or
+    glob holds no image names, a list file lists nothing, a file has an unsupported suffix, or a video or
     camera cannot be opened. Image loaders raise TilecoreError naming the file when it cannot be read.
     Video and camera frames are read as the iterator advances (a frame can only be read after the one
-    before it); their loaders only convert BGR to RGB.
+    before it); their loaders only convert BGR to RGB, or raise for a frame that could not be read.
     """
+    pixel_limit()  # a bad TILECORE_MAX_PIXELS is refused once, not once per image
     text = os.path.expanduser(spec)
+    shown = display_path(spec)
     path = Path(text)
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p))
+        images = _image_entries(sorted(path.iterdir()))
         if not images:
-            raise TilecoreError(f"input {spec}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise TilecoreError(f"input {shown}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         return _image_loaders(images)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -83,37 +104,43 @@ def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
         if suffix in IMAGE_SUFFIXES:
             return _image_loaders([path])
         raise TilecoreError(
-            f"input {spec}: unsupported file type '{path.suffix}' (expected an image, a video "
+            f"input {shown}: unsupported file type '{display_path(path.suffix)}' (expected an image, a video "
             f"{'/'.join(VIDEO_SUFFIXES)} or a list file {'/'.join(LIST_SUFFIXES)})"
         )
     if re.fullmatch(r"[0-9]+", spec):
         return _camera_frames(int(spec))
     if any(c in text for c in "*?["):
         matches = sorted(glob.glob(text, recursive=True))
-        images = [Path(m) for m in matches if os.path.isfile(m) and _is_image(Path(m))]
+        images = _image_entries([Path(m) for m in matches])
         if images:
             return _image_loaders(images)
         if matches:
-            raise TilecoreError(f"input {spec}: glob matches {len(matches)} paths but no images")
-    raise TilecoreError(f"input {spec}: no such file, folder or glob match")
+            raise TilecoreError(f"input {shown}: glob matches {len(matches)} paths but no images")
+    raise TilecoreError(f"input {shown}: no such file, folder or glob match")
 
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _image_entries(paths: list[Path]) -> list[Path]:
+    """Every path with an image suffix, whatever it is: a non-file becomes an error Item when loaded."""
+    return [p for p in paths if _is_image(p)]
+
+
 def _image_loaders(paths: list[Path]) -> Iterator[tuple[str, Loader]]:
     for path in paths:
-        yield str(path), lambda path=path: read_rgb(path)
+        yield display_path(path), lambda path=path: read_rgb(path)
 
 
 def _read_list(list_file: Path) -> list[Path]:
+    shown = display_path(list_file)
     try:
         lines = list_file.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
-        raise TilecoreError(f"input {list_file}: not a UTF-8 text file ({error.reason})") from None
+        raise TilecoreError(f"input {shown}: not a UTF-8 text file ({error.reason})") from None
     except OSError as error:
-        raise TilecoreError(f"input {list_file}: cannot read ({error.strerror or error})") from None
+        raise TilecoreError(f"input {shown}: cannot read ({error.strerror or error})") from None
     paths = []
     for line in lines:
         entry = line.strip()
@@ -122,48 +149,126 @@ def _read_list(list_file: Path) -> list[Path]:
         path = Path(entry).expanduser()
         paths.append(path if path.is_absolute() else list_file.parent / path)
     if not paths:
-        raise TilecoreError(f"input {list_file}: list file names no images (one path per line, # comments)")
+        raise TilecoreError(f"input {shown}: list file names no images (one path per line, # comments)")
     return paths
 
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:
     if frame.ndim == 2:
-        return np.ascontiguousarray(np.repeat(frame[:, :, None], 3, axis=2))
+        return np.ascontiguousarray(np.repeat(frame[:, :, None], 3, axis=2))  # [H, W] -> [H, W, 3]
     if frame.shape[2] == 4:
-        return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB)
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB)  # [H, W, 4] -> [H, W, 3]
     return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
+def _failed(message: str) -> Loader:
+    def load() -> np.ndarray:
+        raise TilecoreError(message)
+
+    return load
+
+
+def _read_frame(capture: cv2.VideoCapture) -> np.ndarray | None:
+    try:
+        ok, frame = capture.read()
+    except cv2.error:
+        return None
+    return frame if ok and frame is not None else None
+
+
+def _check_frame_size(capture: cv2.VideoCapture, what: str) -> None:
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    limit = pixel_limit()
+    if width * height > limit:
+        capture.release()
+        raise TilecoreError(
+            f"{what}: {width}x{height} frames are {width * height / 1e6:.1f} megapixels, over the limit of "
+            f"{limit / 1e6:.1f} megapixels (raise it with {MAX_PIXELS_ENV})"
+        )
+
+
 def _video_frames(path: Path) -> Iterator[tuple[str, Loader]]:
+    shown = display_path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise TilecoreError(
+            f"video {shown}: the file name is not valid UTF-8, which OpenCV's video reader cannot open "
+            "(rename the file)"
+        ) from None
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         capture.release()
-        raise TilecoreError(f"video {path}: cannot open (unsupported codec or not a video file)")
-    ok, first = capture.read()
-    if not ok or first is None:
+        raise TilecoreError(f"video {shown}: cannot open (unsupported codec or not a video file)")
+    _check_frame_size(capture, f"video {shown}")
+    first = _read_frame(capture)
+    if first is None:
         capture.release()
-        raise TilecoreError(f"video {path}: no frame could be read (unsupported codec or empty video)")
-    return _frames(capture, first, str(path))
+        raise TilecoreError(f"video {shown}: no frame could be read (unsupported codec or empty video)")
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    return _frames(capture, first, shown, f"video {shown}", count)
 
 
 def _camera_frames(index: int) -> Iterator[tuple[str, Loader]]:
-    capture = cv2.VideoCapture(index)
-    if not capture.isOpened():
-        capture.release()
-        raise TilecoreError(f"camera {index}: cannot open")
-    return _frames(capture, None, f"camera{index}")
-
-
-def _frames(capture: cv2.VideoCapture, first: np.ndarray | None, prefix: str) -> Iterator[tuple[str, Loader]]:
-    """Frames until the capture runs dry (end of video, camera unplugged); releases it when closed."""
+    if index > MAX_CAMERA_INDEX:
+        raise TilecoreError(
+            f"camera {index}: expected a camera index from 0 to {MAX_CAMERA_INDEX} "
+            "(OpenCV reads larger numbers as a backend id)"
+        )
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # its own warnings, one per backend
     try:
-        frame, index = first, 0
+        capture = cv2.VideoCapture(index)
+        opened = capture.isOpened()
+    except cv2.error:
+        capture, opened = None, False
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    if not opened:
+        if capture is not None:
+            capture.release()
+        raise TilecoreError(f"camera {index}: cannot open (no such camera, or it is in use)")
+    _check_frame_size(capture, f"camera {index}")
+    first = _read_frame(capture)
+    if first is None:
+        capture.release()
+        raise TilecoreError(f"camera {index}: opens but gives no frame")
+    return _frames(capture, first, f"camera{index}", f"camera {index}", None)
+
+
+def _frames(
+    capture: cv2.VideoCapture, first: np.ndarray, prefix: str, what: str, count: int | None
+) -> Iterator[tuple[str, Loader]]:
+    """One pair per frame, a failed read included (see the module doc); releases the capture when closed.
+
+    `count`: the frame count the video reports (0 or less: unknown), None for a camera (never ends).
+    """
+    try:
+        frame: np.ndarray | None = first
+        index = failures = 0
         while True:
             if frame is None:
-                ok, frame = capture.read()
-                if not ok or frame is None:
+                frame = _read_frame(capture)
+            if frame is not None:
+                failures = 0
+                yield f"{prefix}#{index}", lambda frame=frame: _to_rgb(frame)
+            elif count is None:
+                yield f"{prefix}#{index}", _failed(f"{what}: frame {index} cannot be read (camera disconnected?)")
+                return
+            elif index >= count:
+                return  # the end; with no count (0 or less) every failed read is taken as the end
+            else:
+                failures += 1
+                if failures >= MAX_FAILED_FRAMES:
+                    message = (
+                        f"{what}: frames {index} to {count - 1} cannot be read ({failures} reads in a row failed; "
+                        f"the video lists {count} frames; cut short or corrupt)"
+                    )
+                    yield f"{prefix}#{index}", _failed(message)
                     return
-            yield f"{prefix}#{index}", lambda frame=frame: _to_rgb(frame)
+                message = f"{what}: frame {index} of {count} cannot be read (corrupt or cut short)"
+                yield f"{prefix}#{index}", _failed(message)
             frame, index = None, index + 1
     finally:
         capture.release()
@@ -198,6 +303,8 @@ def _load(name: str, loader: Loader) -> Item:
         return Item(name, None, _one_line(f"input {name}: cannot read ({error.strerror or error})"))
     except cv2.error as error:
         return Item(name, None, _one_line(f"input {name}: cannot decode ({error})"))
+    except MemoryError:
+        return Item(name, None, f"input {name}: out of memory while decoding")
     return Item(name, image, None)
 
 

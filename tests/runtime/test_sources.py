@@ -1,3 +1,5 @@
+import json
+import os
 import random
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.faults import obey_file_modes
 from tilecore.runtime import sources
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb, write_png
@@ -106,6 +109,97 @@ def test_bad_images_become_error_items_and_the_stream_goes_on(tmp_path: Path) ->
     assert "empty" in items[1].error and "decode" in items[2].error and "uint16" in items[3].error
 
 
+def make_non_files(folder: Path) -> dict[str, str]:
+    """Entries with image names that are not readable images; returns name -> expected reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.symlink(folder / "nowhere.png", folder / "b_broken_link.png")
+    (folder / "c_folder.png").mkdir()
+    os.mkfifo(folder / "d_pipe.jpg")
+    (folder / "e_cut.jpg").write_bytes(cv2.imencode(".jpg", np.full((40, 40, 3), 90, np.uint8))[1].tobytes()[:-2])
+    return {
+        "b_broken_link.png": "broken symbolic link",
+        "c_folder.png": "is a folder, expected an image file",
+        "d_pipe.jpg": "not a regular file",
+        "e_cut.jpg": "JPEG is truncated",
+    }
+
+
+def assert_accounted(items: list[Item], folder: Path, good: list[str], bad: dict[str, str]) -> None:
+    assert [item.name for item in items] == [str(folder / n) for n in sorted([*good, *bad])]
+    for item in items:
+        name = Path(item.name).name
+        if name in good:
+            assert item.error is None and item.image.shape == (6, 5, 3), item.error
+        else:
+            assert item.image is None and bad[name] in item.error and item.name in item.error, item.error
+
+
+def test_folder_entries_that_are_not_images_are_error_items(tmp_path: Path) -> None:
+    # Before: `p.is_file()` dropped the link, the folder and the pipe without a line.
+    make_images(tmp_path, ["a_good.png", "z_good.png"])
+    bad = make_non_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image name: ignored")
+    (tmp_path / "sub").mkdir()
+    assert_accounted(list(stream(str(tmp_path))), tmp_path, ["a_good.png", "z_good.png"], bad)
+
+
+def test_glob_matches_that_are_not_images_are_error_items(tmp_path: Path) -> None:
+    make_images(tmp_path, ["a_good.png", "z_good.png"])
+    bad = make_non_files(tmp_path)
+    assert_accounted(list(stream(str(tmp_path / "*"))), tmp_path, ["a_good.png", "z_good.png"], bad)
+    items = list(stream(str(tmp_path / "*.png")))
+    assert [Path(item.name).name for item in items] == ["a_good.png", "b_broken_link.png", "c_folder.png", "z_good.png"]
+
+
+def test_list_entries_that_are_missing_or_folders_are_error_items(tmp_path: Path) -> None:
+    make_images(tmp_path, ["a.png"])
+    (tmp_path / "sub.png").mkdir()
+    (tmp_path / "list.txt").write_text("a.png\nmissing.png\nsub.png\na.png\n")
+    items = list(stream(str(tmp_path / "list.txt")))
+    assert [Path(item.name).name for item in items] == ["a.png", "missing.png", "sub.png", "a.png"]
+    assert [item.error for item in items] == [
+        None,
+        f"image {tmp_path / 'missing.png'}: file not found",
+        f"image {tmp_path / 'sub.png'}: is a folder, expected an image file",
+        None,
+    ]
+
+
+def test_unreadable_file_is_an_error_item(tmp_path: Path) -> None:
+    (path,) = make_images(tmp_path, ["locked.png"])
+    path.chmod(0)
+    code = "import sys; from tilecore.runtime.sources import stream; print(next(iter(stream(sys.argv[1]))).error)"
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, preexec_fn=obey_file_modes
+    )  # as root, a mode-000 file is readable otherwise
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == f"image {path}: cannot open (Permission denied)"
+
+
+def test_names_that_are_not_utf8_are_json_safe_and_read(tmp_path: Path) -> None:
+    make_images(tmp_path, ["a.png"])
+    fd = os.open(os.fsencode(tmp_path) + b"/b_caf\xe9\xff.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, (tmp_path / "a.png").read_bytes())
+    os.close(fd)
+    fd = os.open(os.fsencode(tmp_path) + b"/c_\xfe.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"junk")
+    os.close(fd)
+    items = list(stream(str(tmp_path)))
+    assert [item.name for item in items] == [str(tmp_path / n) for n in ("a.png", "b_caf\\xe9\\xff.png", "c_\\xfe.png")]
+    np.testing.assert_array_equal(items[1].image, items[0].image)
+    assert items[2].image is None and items[2].error.startswith(f"image {items[2].name}: cannot decode")
+    for item in items:  # a strict writer (ensure_ascii=False, UTF-8) writes every line and reads it back
+        line = json.dumps({"input": item.name, "error": item.error}, ensure_ascii=False).encode("utf-8")
+        assert json.loads(line.decode("utf-8")) == {"input": item.name, "error": item.error}
+
+
+def test_bad_pixel_limit_setting_is_refused_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_images(tmp_path, ["a.png"])
+    monkeypatch.setenv("TILECORE_MAX_PIXELS", "-5")
+    with pytest.raises(TilecoreError, match="^TILECORE_MAX_PIXELS='-5': expected a whole number"):
+        stream(str(tmp_path))
+
+
 @pytest.mark.parametrize("kind", ["empty folder", "no match", "empty glob", "empty list", "bad suffix"])
 def test_nothing_to_read_is_refused_up_front(tmp_path: Path, kind: str) -> None:
     (tmp_path / "empty").mkdir()
@@ -161,21 +255,28 @@ def test_unreadable_video_is_refused_by_name(tmp_path: Path) -> None:
 
 
 class FakeCapture:
-    """Stands in for cv2.VideoCapture(int): three BGR frames, then the camera is unplugged."""
+    """Stands in for cv2.VideoCapture: `frames` BGR frames, then every read fails (camera unplugged)."""
 
     released = 0
 
-    def __init__(self, index: int, frames: int = 3, opens: bool = True) -> None:
-        self.index, self.left, self.opens = index, frames, opens
+    def __init__(self, source: int | str, frames: int = 3, opens: bool = True, count: int = -1, hw=(4, 4)) -> None:
+        self.source, self.left, self.opens, self.count, self.hw = source, frames, opens, count, hw
 
     def isOpened(self) -> bool:
         return self.opens
+
+    def get(self, prop: int) -> float:
+        return {
+            cv2.CAP_PROP_FRAME_COUNT: self.count,
+            cv2.CAP_PROP_FRAME_HEIGHT: self.hw[0],
+            cv2.CAP_PROP_FRAME_WIDTH: self.hw[1],
+        }.get(prop, 0.0)
 
     def read(self) -> tuple[bool, np.ndarray | None]:
         if self.left == 0:
             return False, None
         self.left -= 1
-        frame = np.zeros((4, 4, 3), dtype=np.uint8)
+        frame = np.zeros((*self.hw, 3), dtype=np.uint8)
         frame[..., 2] = 200  # BGR: red
         return True, frame
 
@@ -183,19 +284,126 @@ class FakeCapture:
         FakeCapture.released += 1
 
 
-def test_camera_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_camera_frames_and_a_disconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources.cv2, "VideoCapture", FakeCapture)
     FakeCapture.released = 0
     items = list(stream("0"))
-    assert [item.name for item in items] == ["camera0#0", "camera0#1", "camera0#2"]
+    assert [item.name for item in items] == ["camera0#0", "camera0#1", "camera0#2", "camera0#3"]
     assert items[0].image[0, 0].tolist() == [200, 0, 0]
+    assert [item.error for item in items] == [
+        None,
+        None,
+        None,
+        "camera 0: frame 3 cannot be read (camera disconnected?)",
+    ]
     assert FakeCapture.released == 1
 
 
 def test_camera_that_does_not_open(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources.cv2, "VideoCapture", lambda index: FakeCapture(index, opens=False))
-    with pytest.raises(TilecoreError, match="^camera 0: cannot open$"):
+    with pytest.raises(TilecoreError, match=r"^camera 0: cannot open \(no such camera, or it is in use\)$"):
         stream("0")
+    monkeypatch.setattr(sources.cv2, "VideoCapture", lambda index: FakeCapture(index, frames=0))
+    with pytest.raises(TilecoreError, match="^camera 3: opens but gives no frame$"):
+        stream("3")
+
+
+@pytest.mark.parametrize("spec", ["100", "207", "99999999999999999999999"])
+def test_camera_index_out_of_range(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    # OpenCV opened index 207 as V4L2 camera 7; a number past C long raised a cv2 overload traceback.
+    monkeypatch.setattr(sources.cv2, "VideoCapture", lambda index: pytest.fail("VideoCapture called"))
+    with pytest.raises(TilecoreError, match=rf"^camera {spec}: expected a camera index from 0 to 99 "):
+        stream(spec)
+
+
+def test_video_frames_that_fail_are_counted_up_to_the_frame_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cut.avi").write_bytes(b"stand-in")
+    monkeypatch.setattr(sources.cv2, "VideoCapture", lambda path: FakeCapture(path, frames=3, count=6))
+    items = list(stream(str(tmp_path / "cut.avi")))
+    assert [item.name for item in items] == [f"{tmp_path / 'cut.avi'}#{i}" for i in range(6)]
+    assert [item.error is None for item in items] == [True] * 3 + [False] * 3
+    assert items[3].error == f"video {tmp_path / 'cut.avi'}: frame 3 of 6 cannot be read (corrupt or cut short)"
+
+
+def test_a_long_run_of_failed_frames_ends_in_one_item(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cut.mp4").write_bytes(b"stand-in")
+    monkeypatch.setattr(sources.cv2, "VideoCapture", lambda path: FakeCapture(path, frames=3, count=1000))
+    items = list(stream(str(tmp_path / "cut.mp4")))
+    failing = sources.MAX_FAILED_FRAMES
+    assert len(items) == 3 + failing
+    assert all(item.error for item in items[3:]) and items[-1].name.endswith(f"#{3 + failing - 1}")
+    assert items[-1].error == (
+        f"video {tmp_path / 'cut.mp4'}: frames {3 + failing - 1} to 999 cannot be read ({failing} reads in a row "
+        "failed; the video lists 1000 frames; cut short or corrupt)"
+    )
+
+
+def test_video_without_a_frame_count_ends_at_the_first_failed_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "live.mkv").write_bytes(b"stand-in")
+    monkeypatch.setattr(sources.cv2, "VideoCapture", lambda path: FakeCapture(path, frames=3, count=0))
+    assert [item.error for item in stream(str(tmp_path / "live.mkv"))] == [None] * 3
+
+
+def test_video_frames_over_the_pixel_limit_are_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "big.avi").write_bytes(b"stand-in")
+    monkeypatch.setattr(sources.cv2, "VideoCapture", lambda path: FakeCapture(path, hw=(20000, 20000)))
+    with pytest.raises(TilecoreError, match=r"big\.avi: 20000x20000 frames are 400\.0 megapixels, over the limit"):
+        stream(str(tmp_path / "big.avi"))
+
+
+def mjpeg_offsets(data: bytes) -> list[int]:
+    """Byte offsets of each frame's JPEG start-of-image marker in an MJPG .avi."""
+    return [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
+
+
+def test_a_damaged_video_frame_is_an_error_item_and_the_video_goes_on(tmp_path: Path) -> None:
+    frames = [np.full((32, 32, 3), 20 * i, dtype=np.uint8) for i in range(10)]
+    path = tmp_path / "clip.avi"
+    if not write_video(path, frames):
+        pytest.skip("this OpenCV build cannot write an MJPG .avi (no video codec available)")
+    data = bytearray(path.read_bytes())
+    starts = mjpeg_offsets(bytes(data))
+    assert len(starts) == 10
+    data[starts[4] : starts[5] - 8] = bytes(starts[5] - 8 - starts[4])  # frame 4's JPEG zeroed: undecodable
+    (tmp_path / "damaged.avi").write_bytes(bytes(data))
+    items = list(stream(str(tmp_path / "damaged.avi")))
+    assert [item.name.rsplit("#", 1)[1] for item in items] == [str(i) for i in range(10)]
+    assert [item.error is None for item in items] == [True] * 4 + [False] + [True] * 5
+    assert "frame 4 of 10 cannot be read" in items[4].error
+    assert abs(items[5].image.mean() - 100) < 12  # the frame after the damaged one is frame 5
+
+    (tmp_path / "cut.avi").write_bytes(path.read_bytes()[: starts[6] + 50])  # cut inside frame 6
+    items = list(stream(str(tmp_path / "cut.avi")))
+    assert len(items) == 10 and [item.error is None for item in items] == [True] * 6 + [False] * 4
+
+
+def test_video_name_that_is_not_utf8_is_refused_without_a_crash(tmp_path: Path) -> None:
+    # cv2.VideoCapture(str) with such a name ended the process with SIGSEGV.
+    raw_path = os.fsencode(tmp_path) + b"/clip_\xff.avi"
+    fd = os.open(raw_path, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"not decoded")
+    os.close(fd)
+    code = (
+        "import os, sys\n"
+        "from tilecore.runtime.errors import TilecoreError\n"
+        "from tilecore.runtime.sources import iter_sources\n"
+        "try:\n"
+        f"    iter_sources(os.fsdecode({raw_path!r}))\n"
+        "except TilecoreError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"video {tmp_path}/clip_\\xff.avi: the file name is not valid UTF-8, which OpenCV's video reader cannot "
+        "open (rename the file)"
+    )
 
 
 def counting_read_rgb(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[int]:
