@@ -1,15 +1,19 @@
 """Backbone engines: normalised tiles [N, 3, h, w] -> patch embeddings [N, h', w', D] float32.
 
 `open_engine(path, device)` picks the backend. ONNX Runtime serves `cpu`, `cuda` and `tensorrt` (its
-TensorRT execution provider, plans cached in `<bundle>/trt_cache`); `openvino` and `tensorrt-native`
-live in their own modules and are imported only when asked for. `auto` walks AUTO_ORDER and takes the
-first backend that is present, saying which one runs. Every engine returns float32 whatever precision
-it computes in, so kNN, normalisation and thresholds always run in float32.
+TensorRT execution provider, plans cached per graph in the user's cache: trt_ep_cache_dir); `openvino`
+and `tensorrt-native` live in their own modules and are imported only when asked for. `auto` walks
+AUTO_ORDER and takes the first backend that is present, saying which one runs. Every engine returns
+float32 whatever precision it computes in, so kNN, normalisation and thresholds always run in float32.
+
+Every engine may be shared by threads: ONNX Runtime's sessions are safe to run concurrently, the OpenVINO
+and native TensorRT engines serialise their own calls (one lock each around state a call owns).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from tilecore.runtime.artifacts import sha256_file
 from tilecore.runtime.errors import TilecoreError
 
 log = logging.getLogger("tilecore")
@@ -42,7 +47,7 @@ class EngineOptions:
     max_batch: int = 4  # tiles per engine call
     precision: str = "fp32"  # fp32 | bf16 | int8 | auto (what the backend and bundle offer)
     gpu_id: int = 0
-    cache_dir: Path | None = None  # compiled-model cache (OpenVINO); None: the user's cache folder
+    cache_dir: Path | None = None  # compiled-model cache (OpenVINO, ORT's TensorRT EP); None: user_cache_dir
     streams: int = 1  # OpenVINO inference streams run in parallel, `threads` shared among them
     # measurement only: let OpenVINO simulate bf16 on a CPU without bf16 instructions (its bf16 numerics,
     # at a fraction of fp32's speed); a deployment on such a CPU is refused bf16
@@ -72,11 +77,32 @@ def run_in_chunks(infer, tiles: np.ndarray, max_batch: int) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def choose_providers(device: str, available: list[str], cache_dir: Path, gpu_id: int = 0) -> list:
+def user_cache_dir(kind: str) -> Path:
+    """`$XDG_CACHE_HOME/tilecore/<kind>` (default ~/.cache): compiled engines, never the bundle or the CWD."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilecore" / kind
+
+
+def trt_ep_cache_dir(graph: Path, cache_dir: Path | None) -> Path | None:
+    """The TensorRT EP's plan folder for `graph`: `<cache>/<graph sha256>`, so a graph never meets another
+    graph's plans, and bundles stay read-only and byte for byte what the manifest lists. None (no cache)
+    where it cannot be made.
+
+    ONNX Runtime deserializes these plans without any check of its own: a plan in the folder is trusted
+    as the user's own file. Deleting the folder costs one rebuild."""
+    try:
+        folder = (cache_dir or user_cache_dir("trt_ep")) / sha256_file(graph)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home, or no graph (the session then names it): build every time
+    return folder
+
+
+def choose_providers(device: str, available: list[str], cache_dir: Path | None, gpu_id: int = 0) -> list:
     """ONNX Runtime's provider list for `device`; a device asked for by name but absent is BackendMissing.
 
-    The TensorRT EP keeps its engines and its timing cache in `cache_dir` (inside the bundle), so only
-    the first session on a device pays the build; both GPU providers run on CUDA device `gpu_id`.
+    The TensorRT EP keeps its engines and its timing cache in `cache_dir` (trt_ep_cache_dir; None: no
+    cache), so only the first session on a device pays the build; both GPU providers run on CUDA device
+    `gpu_id`.
     """
     if device not in PROVIDERS:
         raise TilecoreError(f"ONNX Runtime device {device!r}: expected one of {', '.join(PROVIDERS)}")
@@ -91,8 +117,10 @@ def choose_providers(device: str, available: list[str], cache_dir: Path, gpu_id:
         if provider not in available:
             continue
         if name == "tensorrt":
-            cache = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}
-            cache |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}  # default path: CWD
+            cache = {"trt_engine_cache_enable": False, "trt_timing_cache_enable": False}
+            if cache_dir is not None:
+                cache = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}
+                cache |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}  # default: CWD
             providers.append((provider, {"device_id": gpu_id, **cache, "trt_fp16_enable": False}))
         elif name == "cuda":
             providers.append((provider, {"device_id": gpu_id}))
@@ -115,8 +143,13 @@ class OrtEngine:
         # ORT's idle threads spin by default and take the cores FAISS's kNN needs right after each call
         # (measured on 2 cores: ENS9 batch 1 went from 5.3 to 7.4 images/s with spinning off).
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        cache_dir = path.parent / "trt_cache"
-        providers = choose_providers(device, ort.get_available_providers(), cache_dir, options.gpu_id)
+        available = ort.get_available_providers()
+        cache_dir = (
+            trt_ep_cache_dir(path, options.cache_dir)
+            if device == "tensorrt" and PROVIDERS[device] in available
+            else None
+        )
+        providers = choose_providers(device, available, cache_dir, options.gpu_id)
         try:
             self.session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types

@@ -1,6 +1,6 @@
 """Native TensorRT backend (`--device tensorrt-native`): a serialized engine from the bundle, run on one stream.
 
-The engine for `backbone_<hash>.onnx` is the one manifest["tensorrt"] lists for it (exported with
+The engine for `backbone_<hash>.onnx` is the one the manifest's TensorRT records list for it (exported with
 `tilecore export --tensorrt` on the same GPU model). Before loading, its record is checked against this
 machine's TensorRT version and GPU (runtime.tensorrt_compat); a mismatch, or a missing tensorrt package,
 cuda-python or GPU, raises BackendMissing with the reason in one line, and `--device auto` moves on to
@@ -11,12 +11,16 @@ and the output, one CUDA stream and one execution context. A call only sets the 
 tiles in, enqueues the engine (execute_async_v3) and copies the embeddings back. The embeddings come
 back to the host because FAISS's Python API searches host arrays; FAISS-GPU then copies the queries to
 its own device memory.
+
+An execution context, its input shape and these buffers serve one call at a time, so run() holds one lock
+per engine for the whole call: threads sharing a Predictor overlap everything but the engine itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import weakref
 from pathlib import Path
 
@@ -80,7 +84,7 @@ class TensorRTEngine:
                 log.warning("%s; falling back to the ONNX graph", reason)
             raise BackendMissing(f"{WHO}: {reason}")
         cuda_call(cudart.cudaSetDevice(gpu.index), "cudaSetDevice")
-        self.record, self.cudart = record, cudart
+        self.record, self.cudart, self.device_index = record, cudart, gpu.index
         self.runtime = trt.Runtime(trt_logger(trt))  # kept: the runtime must outlive its engine
         self.engine = self.runtime.deserialize_cuda_engine((path.parent / record.engine).read_bytes())
         if self.engine is None:
@@ -117,17 +121,21 @@ class TensorRTEngine:
         self.context.set_tensor_address(self.input_name, self.dev_in)
         self.context.set_tensor_address(self.output_name, self.dev_out)
         self.provider = f"TensorRT {trt.__version__} {record.precision} on {gpu.name} (cuda:{gpu.index})"
+        self.lock = threading.Lock()  # the context and the buffers: one call at a time (module docstring)
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         tiles = np.ascontiguousarray(tiles, dtype=np.float32)  # [N, 3, h, w]
         out = np.empty((len(tiles), *self.out_item_shape), dtype=np.float32)  # [N, h', w', D]
-        for start in range(0, len(tiles), self.max_batch):
-            chunk = tiles[start : start + self.max_batch]
-            out[start : start + len(chunk)] = self.infer(chunk)
+        with self.lock:
+            cuda_call(self.cudart.cudaSetDevice(self.device_index), "cudaSetDevice")  # per host thread in CUDA
+            for start in range(0, len(tiles), self.max_batch):
+                chunk = tiles[start : start + self.max_batch]
+                out[start : start + len(chunk)] = self.infer(chunk)
         return out
 
     def infer(self, chunk: np.ndarray) -> np.ndarray:
-        """At most max_batch tiles [n, 3, h, w] -> a view [n, h', w', D] of the pinned output (until next call)."""
+        """At most max_batch tiles [n, 3, h, w] -> a view [n, h', w', D] of the pinned output (until next call);
+        the caller holds self.lock until it has copied the view."""
         n, cudart = len(chunk), self.cudart
         self.host_in[:n] = chunk
         if not self.context.set_input_shape(self.input_name, (n, *self.item_shape)):
@@ -143,4 +151,5 @@ class TensorRTEngine:
 
     def close(self) -> None:
         """Free the buffers and the stream now rather than at garbage collection."""
-        self._release()
+        with self.lock:
+            self._release()

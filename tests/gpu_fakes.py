@@ -1,10 +1,14 @@
 """Stand-ins for `tensorrt` and `cuda.bindings.runtime`, so the GPU path runs on a CPU-only machine.
 
 FakeCudart: "device" and pinned memory are ctypes buffers at real addresses and copies are memmove, with
-a bounds check, so the engine's pointer and byte arithmetic is exercised for real; calls are counted.
+a bounds check, so the engine's pointer and byte arithmetic is exercised for real; calls are counted. As in
+CUDA, the current device is per host thread (0 until the thread sets one), and a copy on a stream of
+another device than the calling thread's raises.
 FakeTensorRT: the builder records every call it gets; the "serialized engine" is a JSON header plus the
 ONNX graph it parsed; the runtime's engine runs that graph with ONNX Runtime on the CPU, reading its input
-from and writing its output to the addresses and shapes set on the execution context.
+from and writing its output to the addresses and shapes set on the execution context. Like TensorRT's, an
+execution context is not shareable between threads: the fake raises when a second thread enters it while
+one is inside, or runs it with an input shape another thread set.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ctypes
 import enum
 import json
 import sys
+import threading
 import types
 from collections import Counter
 
@@ -48,7 +53,9 @@ class FakeCudart(types.ModuleType):
         self.buffers: dict[int, ctypes.Array] = {}
         self.calls: Counter[str] = Counter()
         self.streams: set[int] = set()
-        self.device: int | None = None
+        self.stream_devices: dict[int, int] = {}  # the device each stream was created on
+        self.device: int | None = None  # the device set last, by any thread
+        self.thread_device = threading.local()  # CUDA's current device is a host thread's own
 
     def _alloc(self, what: str, size: int) -> tuple:
         self.calls[what] += 1
@@ -70,8 +77,11 @@ class FakeCudart(types.ModuleType):
         return CudaErr.cudaSuccess, types.SimpleNamespace(name=name.encode() + b"\0" * 8, major=major, minor=minor)
 
     def cudaSetDevice(self, index: int) -> tuple:
-        self.device = index
+        self.device = self.thread_device.index = index
         return (CudaErr.cudaSuccess,)
+
+    def current_device(self) -> int:
+        return getattr(self.thread_device, "index", 0)
 
     def cudaMallocHost(self, size: int) -> tuple:
         return self._alloc("cudaMallocHost", size)
@@ -93,6 +103,7 @@ class FakeCudart(types.ModuleType):
         self.calls["cudaStreamCreate"] += 1
         handle = 0x5000 + len(self.streams)
         self.streams.add(handle)
+        self.stream_devices[handle] = self.current_device()
         return CudaErr.cudaSuccess, handle
 
     def cudaStreamSynchronize(self, stream: int) -> tuple:
@@ -105,6 +116,10 @@ class FakeCudart(types.ModuleType):
 
     def cudaMemcpyAsync(self, dst: int, src: int, size: int, kind: MemcpyKind, stream: int) -> tuple:
         assert stream in self.streams and kind in MemcpyKind
+        if self.stream_devices[stream] != self.current_device():
+            raise AssertionError(
+                f"copy on a stream of GPU {self.stream_devices[stream]} from a thread on GPU {self.current_device()}"
+            )
         self.calls[kind.name] += 1
         self._check_range(dst, size)
         self._check_range(src, size)
@@ -269,6 +284,9 @@ class FakeContext:
         self.engine, self.addresses, self.input_shape = engine, {}, None
         self.shapes_set: list[tuple] = []
         self.streams: set[int] = set()
+        self.entered = 0  # execute_async_v3 calls
+        self.inside = threading.Lock()  # held while a thread runs the context
+        self.shape_owner: int | None = None  # the thread that set the input shape last
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         low, high = self.engine.header["min"], self.engine.header["max"]
@@ -276,6 +294,7 @@ class FakeContext:
             return False
         self.input_shape = tuple(shape)
         self.shapes_set.append(self.input_shape)
+        self.shape_owner = threading.get_ident()
         return True
 
     def get_tensor_shape(self, name: str) -> tuple:
@@ -286,11 +305,19 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
-        self.streams.add(stream)
-        tiles = float_view(self.addresses[self.engine.names[0]], self.input_shape).copy()
-        out = self.engine.session.run(None, {self.engine.names[0]: tiles})[0]  # [n, h', w', D]
-        float_view(self.addresses[self.engine.names[1]], out.shape)[:] = out
-        return True
+        if not self.inside.acquire(blocking=False):
+            raise AssertionError("two threads in one TensorRT execution context at once")
+        try:
+            if self.shape_owner != threading.get_ident():
+                raise AssertionError("TensorRT execution context run with an input shape another thread set")
+            self.entered += 1
+            self.streams.add(stream)
+            tiles = float_view(self.addresses[self.engine.names[0]], self.input_shape).copy()
+            out = self.engine.session.run(None, {self.engine.names[0]: tiles})[0]  # [n, h', w', D]
+            float_view(self.addresses[self.engine.names[1]], out.shape)[:] = out
+            return True
+        finally:
+            self.inside.release()
 
 
 def install(

@@ -1,10 +1,13 @@
-"""The OpenVINO backend: same embeddings as ONNX Runtime in fp32, float32 out in bf16, a cache folder of its
-own, and a clean fallback where OpenVINO is missing."""
+"""The OpenVINO backend: same embeddings as ONNX Runtime in fp32, float32 out in bf16, a verified cache folder
+of its own, and a clean fallback where OpenVINO is missing."""
 
+import hashlib
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
+import openvino as openvino_required  # noqa: F401 - in the dev install (what CI runs): missing fails, never skips
 import pytest
 
 from tests.tiny import tiny_run
@@ -13,8 +16,6 @@ from tilecore.runtime.engine import BackendMissing, EngineOptions, open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.predictor import Predictor
-
-pytest.importorskip("openvino", reason="the openvino extra is part of the dev install; without it there is no backend")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,55 @@ def test_streams_are_openvinos_only(bundle: Path) -> None:
     with pytest.raises(TilecoreError, match="--streams 0"):
         EngineOptions("openvino", streams=0)
     assert "2 streams" in open_engine(engine_path(bundle), EngineOptions("auto", streams=2)).provider
+
+
+def only_blob(cache: Path) -> Path:
+    (blob,) = cache.glob("*.blob")
+    return blob
+
+
+def test_corrupt_cache_blob_is_replaced_by_a_fresh_compile(bundle: Path, tmp_path: Path, caplog) -> None:
+    """A blob altered on disk (weights overwritten: OpenVINO itself imports it and computes other
+    embeddings) fails its sha256, is deleted, recompiled and written again; the embeddings are a fresh
+    compile's, bit for bit."""
+    options = EngineOptions("openvino", threads=1, max_batch=2, precision="fp32", cache_dir=tmp_path / "cache")
+    fresh = open_engine(engine_path(bundle), options).run(tiles())
+    blob = only_blob(tmp_path / "cache")
+    np.testing.assert_array_equal(open_engine(engine_path(bundle), options).run(tiles()), fresh)  # from the cache
+    data = bytearray(blob.read_bytes())
+    start, end = len(data) // 50 & ~3, len(data) // 10 & ~3  # weights of the first layers
+    data[start:end] = np.full((end - start) // 4, 0.01, np.float32).tobytes()
+    blob.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="tilecore"):
+        np.testing.assert_array_equal(open_engine(engine_path(bundle), options).run(tiles()), fresh)
+    assert any("does not match its sha256" in r.getMessage() for r in caplog.records)
+    rewritten = only_blob(tmp_path / "cache").read_bytes()
+    assert rewritten != bytes(data)
+    assert (tmp_path / "cache" / f"{blob.name}.sha256").read_text().strip() == hashlib.sha256(rewritten).hexdigest()
+    assert blob.name.startswith(hashlib.sha256(engine_path(bundle).read_bytes()).hexdigest() + "-cpu-fp32-")
+
+
+def test_cache_blob_that_will_not_import_is_replaced(bundle: Path, tmp_path: Path, caplog) -> None:
+    """A blob whose sidecar matches but that OpenVINO cannot import (another version's format, a blob
+    written by hand) is deleted and recompiled, with one warning."""
+    options = EngineOptions("openvino", threads=1, precision="fp32", cache_dir=tmp_path)
+    fresh = open_engine(engine_path(bundle), options).run(tiles())
+    blob = only_blob(tmp_path)
+    blob.write_bytes(b"not a compiled model")
+    (tmp_path / f"{blob.name}.sha256").write_text(hashlib.sha256(b"not a compiled model").hexdigest())
+    with caplog.at_level(logging.WARNING, logger="tilecore"):
+        np.testing.assert_array_equal(open_engine(engine_path(bundle), options).run(tiles()), fresh)
+    assert [r.getMessage() for r in caplog.records if "cannot be imported" in r.getMessage()]
+    assert blob.read_bytes() != b"not a compiled model"
+
+
+def test_cache_keys_name_precision_and_settings_and_unwritable_cache_still_runs(bundle: Path, tmp_path: Path) -> None:
+    reference = open_engine(engine_path(bundle), EngineOptions("cpu", threads=1)).run(tiles())
+    for streams in (1, 2):
+        options = EngineOptions("openvino", threads=1, precision="fp32", cache_dir=tmp_path / "c", streams=streams)
+        open_engine(engine_path(bundle), options)
+    assert len(list((tmp_path / "c").glob("*-cpu-fp32-*.blob"))) == 2  # one per compile settings
+    (tmp_path / "file").write_text("")
+    options = EngineOptions("openvino", threads=1, precision="fp32", cache_dir=tmp_path / "file")
+    out = open_engine(engine_path(bundle), options).run(tiles())  # no cache folder possible: compiled anyway
+    assert np.abs(out - reference).max() <= 1e-4 * np.abs(reference).max()

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
+import threading
+import time
 import types
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ from tilecore.runtime.engine import AUTO_ORDER, BackendMissing, EngineOptions, c
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.knn import BankScorer
+from tilecore.runtime.manifest import QdqCalibration, read_manifest, write_manifest
 from tilecore.runtime.predictor import Predictor, move_indexes_to_gpu
 from tilecore.runtime.tensorrt_compat import (
     EngineRecord,
@@ -51,7 +57,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def onnx_of(bundle: Path) -> Path:
-    return bundle / json.loads((bundle / "manifest.json").read_text())["members"][0]["engine"]
+    return bundle / read_manifest(bundle).members[0].engine
 
 
 def sample_images(bundles: dict) -> list[np.ndarray]:
@@ -89,7 +95,7 @@ def test_compatibility_check_names_the_mismatch() -> None:
 
 
 def test_record_round_trips_and_names_its_gpu() -> None:
-    original = record(int8_calibration={"tiles": 64, "qdq_relative_error": 0.01})
+    original = record(int8_calibration=QdqCalibration("onnxruntime static quantization", 64, 0.01))
     assert EngineRecord.from_dict(json.loads(json.dumps(original.to_dict()))) == original
     gpu = GpuInfo(0, "NVIDIA Jetson AGX Orin", "8.7")
     assert engine_file_name("backbone_ab.onnx", gpu) == "backbone_ab.nvidia-jetson-agx-orin-sm87.engine"
@@ -107,7 +113,7 @@ def test_auto_walks_the_fallback_order(monkeypatch) -> None:
     monkeypatch.setattr(engine_module, "open_backend", fake_backend)
     assert open_engine(Path("backbone_x.onnx"), EngineOptions("auto")).provider == "CPUExecutionProvider"
     assert tried == list(AUTO_ORDER) and AUTO_ORDER[:3] == ("tensorrt-native", "tensorrt", "cuda")
-    with pytest.raises(BackendMissing):
+    with pytest.raises(BackendMissing, match="^--device tensorrt-native: absent in this test$"):
         open_engine(Path("backbone_x.onnx"), EngineOptions("tensorrt-native"))  # asked by name: no fallback
 
 
@@ -139,11 +145,11 @@ def test_profile_comes_from_the_manifest_and_must_match_the_engine(bundles: dict
     gpu_fakes.install(monkeypatch, gpus=[A10])
     bundle = tmp_path / "b"
     shutil.copytree(bundles["trt"], bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    (entry,) = manifest["tensorrt"]
-    assert entry["profile"] == {"input": "images", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [4, 3, 32, 32]}
-    entry["profile"]["max"] = [2, 3, 32, 32]  # a record that no longer describes its engine
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    manifest = read_manifest(bundle)
+    (entry,) = manifest.tensorrt
+    assert entry.profile == Profile("images", (1, 3, 32, 32), (4, 3, 32, 32), (4, 3, 32, 32))
+    stale = replace(entry, profile=replace(entry.profile, max=(8, 3, 32, 32)))  # no longer describes its engine
+    write_manifest(bundle, replace(manifest, tensorrt=(stale,)))
     with pytest.raises(TilecoreError, match="profile .* differs from its manifest record"):
         open_engine(onnx_of(bundle), EngineOptions("tensorrt-native"))
 
@@ -197,9 +203,8 @@ def test_missing_pieces_are_named_and_auto_falls_back(bundles: dict, monkeypatch
             monkeypatch.setitem(sys.modules, module, None)
     path = onnx_of(bundles[state.get("bundle", "trt")])
     gpu_id = state.get("gpu_id", 0)
-    with pytest.raises(BackendMissing) as caught:
+    with pytest.raises(BackendMissing, match=f"^--device tensorrt-native: .*{re.escape(message)}") as caught:
         open_engine(path, EngineOptions("tensorrt-native", gpu_id=gpu_id))
-    assert str(caught.value).startswith("--device tensorrt-native: ") and message in str(caught.value)
     assert "\n" not in str(caught.value)
     assert not isinstance(open_engine(path, EngineOptions("auto", gpu_id=gpu_id)), TensorRTEngine)
 
@@ -212,8 +217,48 @@ def test_tensorrt_execution_provider_options(tmp_path: Path) -> None:
     assert trt_options["trt_engine_cache_enable"] and trt_options["trt_engine_cache_path"] == str(tmp_path)
     assert trt_options["trt_timing_cache_enable"] and trt_options["trt_timing_cache_path"] == str(tmp_path)
     assert trt_options["trt_fp16_enable"] is False
+    (_, no_cache), *_ = choose_providers("tensorrt", available, None)
+    assert no_cache["trt_engine_cache_enable"] is False and no_cache["trt_timing_cache_enable"] is False
     with pytest.raises(BackendMissing, match="no TensorrtExecutionProvider"):
         choose_providers("tensorrt", ["CPUExecutionProvider"], tmp_path)
+
+
+def test_tensorrt_ep_caches_plans_per_graph_outside_the_bundle(bundles: dict, tmp_path: Path, monkeypatch) -> None:
+    """The EP's plans go to <user cache>/trt_ep/<graph sha256>, never into the (maybe read-only) bundle."""
+    from tilecore.runtime.artifacts import sha256_file
+
+    sessions = []
+
+    class Session:
+        def __init__(self, path: str, options: object, providers: list) -> None:
+            sessions.append(providers)
+
+        def get_providers(self) -> list[str]:
+            return [sessions[-1][0][0]]
+
+        def get_inputs(self) -> list:
+            return [types.SimpleNamespace(name="images")]
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    fake_ort = types.SimpleNamespace(
+        SessionOptions=engine_module.ort.SessionOptions,
+        InferenceSession=Session,
+        get_available_providers=lambda: available,
+    )
+    monkeypatch.setattr(engine_module, "ort", fake_ort)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    graph = onnx_of(bundles["plain"])
+    open_engine(graph, EngineOptions("tensorrt"))
+    folder = tmp_path / "home" / "tilecore" / "trt_ep" / sha256_file(graph)
+    (_, trt_options), *_ = sessions[-1]
+    assert trt_options["trt_engine_cache_path"] == trt_options["trt_timing_cache_path"] == str(folder)
+    assert folder.is_dir() and not (bundles["plain"] / "trt_cache").exists()
+    open_engine(graph, EngineOptions("tensorrt", cache_dir=tmp_path / "mine"))
+    assert sessions[-1][0][1]["trt_engine_cache_path"] == str(tmp_path / "mine" / sha256_file(graph))
+    (tmp_path / "file").write_text("")  # a cache folder that cannot be made: no cache, not a failure
+    open_engine(graph, EngineOptions("tensorrt", cache_dir=tmp_path / "file"))
+    assert sessions[-1][0][1]["trt_engine_cache_enable"] is False
+    assert "trt_engine_cache_path" not in sessions[-1][0][1]
 
 
 def test_faiss_indexes_share_one_bounded_gpu_resource(monkeypatch) -> None:
@@ -222,27 +267,52 @@ def test_faiss_indexes_share_one_bounded_gpu_resource(monkeypatch) -> None:
     class Resources:
         def __init__(self) -> None:
             resources.append(self)
+            self.busy = threading.Lock()  # FAISS's GPU resources serve one thread at a time
 
         def setTempMemory(self, size: int) -> None:  # noqa: N802 - FAISS's name
             self.temp = size
 
-    def to_gpu(res: Resources, device: int, index: object) -> tuple:
+    class GpuIndex:
+        def __init__(self, res: Resources, index: object) -> None:
+            self.res, self.cpu, self.d = res, index, index.d
+
+        def search(self, queries: np.ndarray, k: int) -> tuple:
+            if not self.res.busy.acquire(blocking=False):
+                raise AssertionError("two threads on one FAISS GPU resource at once")
+            try:
+                time.sleep(0.001)  # a GPU search takes a while: room for a second thread to collide
+                return self.cpu.search(queries, k)
+            finally:
+                self.res.busy.release()
+
+    def to_gpu(res: Resources, device: int, index: object) -> GpuIndex:
         if index is hnsw.index:
             raise RuntimeError("not implemented on GPU")  # what FAISS says for HNSW
         moved.append((res, device, index))
-        return ("gpu", index)
+        return GpuIndex(res, index)
 
     fake = types.SimpleNamespace(StandardGpuResources=Resources, get_num_gpus=lambda: 2, index_cpu_to_gpu=to_gpu)
     monkeypatch.setattr(predictor_module, "faiss", fake)
-    banks = [BankScorer.from_bank(np.eye(4, dtype=np.float32)) for _ in range(3)]
+    banks = [BankScorer.from_bank(np.eye(4, dtype=np.float32) * (i + 1)) for i in range(3)]
     hnsw = BankScorer.from_bank(np.eye(4, dtype=np.float32))
     cpu_index = hnsw.index
     scorers = [banks[0], banks[1], banks[2], banks[0], hnsw]  # a stacked bank serves two locations
+    queries = np.random.default_rng(0).normal(size=(12, 1, 2, 2, 4)).astype(np.float32)  # [call][B, h, w, D]
+    single = [[bank.score(q)[1] for q in queries] for bank in banks]
     assert move_indexes_to_gpu(scorers, "auto", gpu_id=1) == "cuda:1"
     assert len(resources) == 1 and 0 < resources[0].temp <= 512 * 2**20
     assert len(moved) == 3 and {device for _, device, _ in moved} == {1}
-    assert scorers[0].index is scorers[3].index and scorers[0].index == ("gpu", moved[0][2])
+    assert scorers[0].index is scorers[3].index and scorers[0].index.index.cpu is moved[0][2]
+    assert scorers[0].index.d == 4  # the rest of the index's interface passes through
     assert hnsw.index is cpu_index  # no GPU version: kept on the CPU instead of failing the load
+
+    def work(bank: BankScorer) -> list[np.ndarray]:  # 4 threads, each searching all three GPU indexes
+        return [bank.score(q)[1] for q in queries]
+
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(work, [b for b in banks for _ in range(4)]))
+    for i, bank_scores in enumerate(threaded):
+        np.testing.assert_array_equal(np.array(bank_scores), np.array(single[i // 4]))
     assert move_indexes_to_gpu(scorers, "cpu", gpu_id=0) == "cpu"
     assert move_indexes_to_gpu(scorers, "auto", gpu_id=2) == "cpu"  # no such GPU: stays on the CPU
 
