@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -30,11 +29,14 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
 from tilecore.runtime.tiling import TileGrid
+from tilecore.train.run_images import CALIBRATION, kept_images
 
 
 def training_images(run_dir: Path, category: str) -> list[str]:
-    """The run's training images of a category (the normal images its banks were fitted on)."""
-    return json.loads((run_dir / category / "split.json").read_text())["train"]
+    """The training images of a category that int8 calibration takes tiles from (normal images its banks
+    were fitted on): the evenly spaced subset the run keeps at the working size (train.run_images), or
+    the dataset's files for runs trained before runs kept them."""
+    return kept_images(run_dir, category, CALIBRATION)
 
 
 def calibration_tiles(

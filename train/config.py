@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from tilecore.runtime.calibration import FUSION_RULES, THRESHOLD_RULES
 from tilecore.runtime.errors import TilecoreError
@@ -114,24 +114,42 @@ class Config:
 TABLES = {"data": DataConfig, "tiling": TilingConfig, "fusion": FusionConfig, "train": TrainConfig}
 
 
+TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
+
+
 def type_name(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}.get(
-        type(value), type(value).__name__
-    )
+    return TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def check_value(where: str, default: Any, value: Any) -> Any:
-    """Check `value` against the type of the field's default; returns it (ints widen to floats)."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(default, bool) and isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, int | float)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
+def matches(expected: type, value: Any) -> bool:
+    """Whether `value` is of the scalar type `expected` (TOML integers count as numbers, booleans only as booleans)."""
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float)
+    return isinstance(value, expected)
+
+
+def element_type(cls: type, key: str) -> type | None:
+    """The element type of a list-typed field (`list[str]` -> str), None for other fields."""
+    hint = get_type_hints(cls)[key]
+    return get_args(hint)[0] if get_origin(hint) is list else None
+
+
+def check_value(where: str, default: Any, value: Any, element: type | None = None) -> Any:
+    """Check `value` against the type of the field's default, and each element of a list against `element`;
+    returns it (ints widen to floats)."""
+    if not matches(type(default), value):
         raise TilecoreError(f"{where}: got {type_name(value)} {value!r}, expected {type_name(default)}")
-    return value
+    if isinstance(default, float):
+        return float(value)
+    if element is None:
+        return value
+    for j, item in enumerate(value):
+        if not matches(element, item):
+            shown = f"{TYPE_NAMES[element]}s" if element is not float else "numbers"
+            raise TilecoreError(f"{where}[{j}]: got {type_name(item)} {item!r}, expected a list of {shown}")
+    return [float(item) for item in value] if element is float else value
 
 
 def build_table(cls: type, values: Any, section: str, origin: str) -> Any:
@@ -143,7 +161,8 @@ def build_table(cls: type, values: Any, section: str, origin: str) -> Any:
     for key, value in values.items():
         if key not in allowed:
             raise TilecoreError(f"{origin}: unknown key {section}.{key}; allowed: {', '.join(allowed)}")
-        kwargs[key] = check_value(f"{origin}: {section}.{key}", getattr(defaults, key), value)
+        where = f"{origin}: {section}.{key}"
+        kwargs[key] = check_value(where, getattr(defaults, key), value, element_type(cls, key))
         choices = CHOICES.get((section, key))
         if choices and value not in choices:
             shown = ", ".join(repr(c) for c in choices)
@@ -193,6 +212,13 @@ def validate(config: Config, origin: str = "config") -> None:
     d, t, f, tr = config.data, config.tiling, config.fusion, config.train
     checks = [
         (d.image_size >= 32, "data.image_size", d.image_size, "an integer >= 32"),
+        (
+            all(c not in ("", ".", "..") and "/" not in c and "\\" not in c for c in d.categories)
+            and len(set(d.categories)) == len(d.categories),
+            "data.categories",
+            d.categories,
+            "distinct folder names under data.root",
+        ),
         (0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= value < 1"),
         (0.0 <= t.seam_band <= 0.5, "tiling.seam_band", t.seam_band, "0 <= value <= 0.5"),
         (t.seam_sigma >= 0.0, "tiling.seam_sigma", t.seam_sigma, ">= 0"),

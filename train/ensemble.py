@@ -18,9 +18,7 @@ from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_resu
 from tilecore.runtime.tiling import TileGrid
 from tilecore.train.config import Config
 from tilecore.train.model import Embedder
-
-BANKS_DIR = "banks"
-CALIBRATION_FILE = "calibration.json"
+from tilecore.train.run_dir import BANKS_DIR, CALIBRATION_FILE
 
 
 def bank_groups(grid: TileGrid, stacked: bool) -> list[tuple[str, list[int]]]:

@@ -4,6 +4,10 @@ Every bank is written atomically as soon as it is finished, so an interrupted ru
 in progress; re-running the same command skips finished banks and ends with the same files. Training
 memory stays at one tile location's level: the images are re-read for each location, and only that
 location's tiles are embedded and kept.
+
+Before the run folder is touched, the data and the coresets are checked (train.data_checks: duplicated
+images, a validation split without spread, banks below the row floor), so a refused run writes nothing;
+each category also keeps the images export needs (train.run_images) before its first bank.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
 from tilecore.train.coreset import approximate_greedy_coreset
 from tilecore.train.data import CategoryData, Sample, config_categories, load_category
+from tilecore.train.data_checks import ImageCensus, check_bank_size, check_category_images, check_spread
 from tilecore.train.ensemble import (
     CALIBRATION_FILE,
     CategoryModel,
@@ -35,8 +40,24 @@ from tilecore.train.ensemble import (
     load_category_model,
     save_bank,
 )
-from tilecore.train.model import Embedder, create_embedder, embedder_path, grid_for, load_embedder, save_embedder
-from tilecore.train.run_dir import library_versions, peak_rss_mb, prepare_run_dir, read_metadata, update_metadata
+from tilecore.train.model import (
+    Embedder,
+    build_net,
+    create_embedder,
+    embedder_path,
+    grid_for,
+    load_embedder,
+    save_embedder,
+)
+from tilecore.train.run_dir import (
+    SPLIT_FILE,
+    library_versions,
+    peak_rss_mb,
+    prepare_run_dir,
+    read_metadata,
+    update_metadata,
+)
+from tilecore.train.run_images import keep_images
 
 log = logging.getLogger("tilecore")
 
@@ -117,6 +138,12 @@ def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], prog
         per_location = [NormalStats.measure(outputs.scores[:, t], outputs.maps[:, t]) for t in range(model.grid.count)]
         image_scores, image_maps = merge_tiles(outputs, model.grid, rule)
         calibrations.append(MemberCalibration(per_location, NormalStats.measure(image_scores, image_maps)))
+    for i, calibration in enumerate(calibrations):  # only the statistics the normalisation divides by
+        if rule.normalisation == "tile":
+            for t, stats in enumerate(calibration.per_location):
+                check_spread(stats, f"category {data.name} member {i} tile location {t}", rule.fusion)
+        else:
+            check_spread(calibration.image, f"category {data.name} member {i}", rule.fusion)
     fused_scores, fused_maps = ensemble_result(raw, model.grid, rule, calibrations)
     labels = np.zeros(count, dtype=bool)  # the validation split holds normal images only
     threshold, how = calibrate_threshold(labels, fused_scores, config.fusion.threshold, config.fusion.quantile)
@@ -148,6 +175,30 @@ def check_before_work(config: Config, datasets: list[CategoryData]) -> None:
             )
 
 
+def feature_grid(config: Config, member: int) -> tuple[int, int]:
+    """(h, w) of member `member`'s patch grid on one tile, from its architecture alone (random weights,
+    torch's random state left as it was)."""
+    _, model_input, _ = grid_for(config)
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        net = build_net(config.members[member], None)
+        probe = net(torch.zeros(1, 3, *model_input))  # [1, h, w, D]
+    return int(probe.shape[1]), int(probe.shape[2])
+
+
+def check_bank_sizes(config: Config, indices: list[int], censuses: dict[str, ImageCensus]) -> None:
+    """Refuse a coreset ratio that leaves any bank of the members `indices` too few rows (data_checks)."""
+    grid, _, stacked = grid_for(config)
+    locations = grid.count if stacked else 1  # tile locations per bank
+    for i in indices:
+        m = config.members[i]
+        patches = feature_grid(config, i)
+        for name, census in censuses.items():
+            try:
+                check_bank_size(i, m.coreset_ratio, m.num_neighbours, len(census.readable), locations, patches)
+            except TilecoreError as exc:
+                raise TilecoreError(f"category {name}: {exc}") from None
+
+
 def member_embedders(config: Config, run_dir: Path, indices: list[int]) -> dict[int, Embedder]:
     """Load each member's saved embedder, creating (and saving) it on first use."""
     embedders = {}
@@ -176,7 +227,13 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
         load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed) for c in categories
     ]
     check_before_work(config, datasets)
-    resuming = prepare_run_dir(run_dir, config)
+    censuses = {
+        d.name: check_category_images(d.name, [s.image for s in d.train], [s.image for s in d.validation])
+        for d in datasets
+    }  # name -> (training census, validation census)
+    indices = [member] if member is not None else list(range(len(config.members)))
+    check_bank_sizes(config, indices, {name: train for name, (train, _) in censuses.items()})
+    resuming = prepare_run_dir(run_dir, config)  # everything above writes nothing
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     grid, model_input, stacked = grid_for(config)
@@ -186,21 +243,24 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
         versions=library_versions(),
         map_rule=MAP_RULE,
         resumed=resuming,
+        category_names=categories,  # export lists the run's categories from here, not from the dataset
         tiling={**grid.to_dict(), "backbone_input": list(model_input), "stacked": stacked},
     )
-    indices = [member] if member is not None else list(range(len(config.members)))
     embedders = member_embedders(config, run_dir, indices)
     for data in datasets:
         skipped: list[str] = []
         started = time.perf_counter()
         atomic_write_json(
-            run_dir / data.name / "split.json",
+            run_dir / data.name / SPLIT_FILE,
             {
                 "train": [str(s.image) for s in data.train],
                 "validation": [str(s.image) for s in data.validation],
                 "test": [str(s.image) for s in data.test],
             },
         )
+        trained, held_out = censuses[data.name]
+        size = config.data.image_size
+        keep_images(run_dir, data.name, held_out.readable, trained.readable, size, grid.count)  # for export
         banks_trained = 0
         for i in indices:
             for suffix, locations in bank_groups(grid, stacked):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,18 @@ from tilecore.runtime.artifacts import atomic_write_json
 from tilecore.runtime.errors import TilecoreError
 from tilecore.train.config import Config, config_from_dict
 
+log = logging.getLogger("tilecore")
+
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
+MEMBERS_DIR = "members"  # each member's embedder weights (train.model.embedder_path)
+SPLIT_FILE = "split.json"  # per category: the dataset paths of its train, validation and test images
+BANKS_DIR = "banks"  # per category: one memory bank per (member, tile location)
+CALIBRATION_FILE = "calibration.json"  # per category, written last
+KEPT_DIR = "kept"  # per category: the images export needs (train.run_images)
+KEPT_FILE = "kept.json"
+CATEGORY_ENTRIES = (SPLIT_FILE, BANKS_DIR, CALIBRATION_FILE, KEPT_DIR, KEPT_FILE)
 
 
 def library_versions() -> dict[str, str]:
@@ -49,18 +60,58 @@ def read_json(path: Path) -> Any:
         raise TilecoreError(f"{path}: not valid JSON ({exc})") from None
 
 
+def finished_banks(run_dir: Path) -> list[Path]:
+    """The memory banks a run holds (written atomically: a name without the temporary suffix is complete)."""
+    return sorted(run_dir.glob(f"*/{BANKS_DIR}/*.safetensors"))
+
+
+def stored_config(config_path: Path) -> Any:
+    """The config a run folder holds, or None where that file is not valid JSON."""
+    try:
+        return read_json(config_path)
+    except TilecoreError:
+        return None
+
+
+def clear_unfinished_run(run_dir: Path) -> None:
+    """Remove what tilecore wrote into a run folder that holds no finished bank, and nothing else."""
+    for name in (CONFIG_FILE, METADATA_FILE, METRICS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / MEMBERS_DIR, ignore_errors=True)
+    for folder in (p for p in run_dir.iterdir() if p.is_dir() and (p / SPLIT_FILE).is_file()):  # categories
+        for name in CATEGORY_ENTRIES:
+            entry = folder / name
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for leftover in folder.glob(".*.tmp"):
+            leftover.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink()
+
+
 def prepare_run_dir(run_dir: Path, config: Config) -> bool:
-    """Create `run_dir` for `config`; returns True when resuming a run with the same config."""
+    """Create `run_dir` for `config`; returns True when resuming a run with the same config.
+
+    A folder that holds a run with a different config is refused once that run has a finished bank; before
+    that (a run that failed in its first steps, e.g. on weights or data) it is replaced, so that a corrected
+    config can take the same --out.
+    """
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file():
-        if read_json(config_path) != config.to_dict():
+        if stored_config(config_path) == config.to_dict():
+            for leftover in run_dir.rglob(".*.tmp"):  # half-written files of a killed run
+                leftover.unlink()
+            return True
+        banks = finished_banks(run_dir)
+        if banks:
             raise TilecoreError(
-                f"run {run_dir}: holds a run with a different config; choose another --out or delete it"
+                f"run {run_dir}: holds a run with a different config and {len(banks)} finished bank(s); "
+                "choose another --out or delete it"
             )
-        for leftover in run_dir.rglob(".*.tmp"):  # half-written files of a killed run
-            leftover.unlink()
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()):
+        log.info("run %s: replacing an unfinished run (no bank written) with a different config", run_dir)
+        clear_unfinished_run(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise TilecoreError(f"run {run_dir}: folder exists and is not a tilecore run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.to_dict())
@@ -73,6 +124,18 @@ def load_run_config(run_dir: Path) -> Config:
     if not (run_dir / CONFIG_FILE).is_file():
         raise TilecoreError(f"run {run_dir}: not a tilecore run (no {CONFIG_FILE}); run `tilecore train` first")
     return config_from_dict(read_json(run_dir / CONFIG_FILE), f"run config {run_dir / CONFIG_FILE}")
+
+
+def run_categories(run_dir: Path, config: Config) -> list[str]:
+    """The categories a run covers, from the run folder alone: the config's list, else the list the run
+    recorded when it started (metadata `category_names`), else (runs from before that record) the category
+    folders it has begun."""
+    names = config.data.categories or read_metadata(run_dir).get("category_names")
+    if not names:
+        names = sorted(p.parent.name for p in run_dir.glob(f"*/{SPLIT_FILE}"))
+    if not names:
+        raise TilecoreError(f"run {run_dir}: no trained categories; run `tilecore train` first")
+    return list(names)
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def test_features_at_named_layers(backbone: str, layers: list[str], channels: li
 
 
 def test_wrong_layer_lists_the_valid_names() -> None:
-    with pytest.raises(TilecoreError) as info:
+    with pytest.raises(TilecoreError, match="layer9") as info:
         create_feature_extractor("resnet18", ["layer2", "layer9"], None)
     assert "layer9" in str(info.value)
     assert all(name in str(info.value) for name in feature_layer_names("resnet18"))

@@ -70,4 +70,15 @@ def test_head_kernels_are_float32_and_fixed() -> None:
     embedder = PatchEmbedder(TwoLayerFeatures(), [5, 7], 3, 16, 8)
     assert embedder.kernel0.dtype == torch.float32
     assert not any(p.requires_grad for name, p in embedder.named_parameters() if "kernel" in name)
-    assert np.isfinite(embedder.kernel1.numpy()).all()
+    # 2 layers x 16 pretrain values pooled to 8: layer 0 feeds outputs 0-3, layer 1 outputs 4-7; each output
+    # is an average of averages, so its weights sum to 1
+    assert embedder.bands == [(0, 4), (4, 8)]
+    np.testing.assert_allclose(embedder.kernel0.sum(dim=(1, 2, 3)).numpy(), [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(embedder.kernel1.sum(dim=(1, 2, 3)).numpy(), [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-6)
+    # layer 0: 5 channels x 3 x 3 = 45 values pooled to 16; output 0 averages pretrain values 0-3, whose
+    # windows of 45 -> 16 cover inputs 0-2, 2-5, 5-8, 8-11 (each 1 / window length)
+    windows = [(0, 3), (2, 6), (5, 9), (8, 12)]
+    expected = np.zeros(45)
+    for start, end in windows:
+        expected[start:end] += 0.25 / (end - start)
+    np.testing.assert_allclose(embedder.kernel0[0].flatten().numpy(), expected, rtol=1e-6)
