@@ -12,9 +12,9 @@ import faiss
 import numpy as np
 
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.knn import build_flat_index
+from tilecore.runtime.knn import INDEX_KINDS, build_flat_index
 
-INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+__all__ = ["INDEX_KINDS", "build_index", "recall_at_1"]
 
 
 def build_index(bank: np.ndarray, kind: str, seed: int = 0) -> faiss.Index:

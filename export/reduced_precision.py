@@ -17,10 +17,10 @@ nothing and says so in one line.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,11 @@ from tilecore.export.bf16_emulation import EMULATED, emulated_bf16_engine
 from tilecore.runtime.engine import Engine, EngineOptions
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.manifest import read_manifest
+from tilecore.runtime.manifest import Int8Graph, Manifest, PrecisionCheck, ReducedPrecision, read_manifest
 from tilecore.runtime.openvino_engine import OpenVinoEngine, cpu_has_bf16
-from tilecore.runtime.predictor import Predictor, preprocess_from_manifest
+from tilecore.runtime.predictor import Predictor
 from tilecore.runtime.tiling import TileGrid
+from tilecore.train.run_images import VALIDATION, kept_images
 
 log = logging.getLogger("tilecore")
 
@@ -57,7 +58,7 @@ def bf16_engines(bundle: Path, backend: str, folder: Path, threads: int = 0) -> 
     """The bundle's graphs as bf16 engines on a CPU without bf16 instructions. SIMULATED: OpenVINO's own
     bf16, simulated (AVX-512; its numerics, not its speed). EMULATED: every tensor rounded to bf16 on ONNX
     Runtime (export.bf16_emulation; the rewritten graphs go to `folder`)."""
-    graphs = {m["engine"] for m in read_manifest(bundle, verify=False)["members"]}
+    graphs = read_manifest(bundle, verify=False).graphs
     if backend == SIMULATED:
         options = EngineOptions("openvino", threads, precision="bf16", simulated_bf16=True)
         return {name: OpenVinoEngine(bundle / name, options) for name in graphs}
@@ -124,15 +125,15 @@ def precision_scores(bundle: Path, images: list[np.ndarray], precision: str) -> 
 
 def write_int8_graphs(
     folder: Path,
-    manifest: dict,
+    manifest: Manifest,
     run_dir: Path,
     category: str,
     grid: TileGrid,
     validation: list[str],
     max_error: float | None = None,
-) -> dict:
-    """Quantize each distinct backbone graph; {fp32 graph name: {"file": int8 graph name, "method",
-    "embedding_error": mean relative error of its embeddings of tiles of the `validation` images}}."""
+) -> dict[str, Int8Graph]:
+    """Quantize each distinct backbone graph; {fp32 graph name: its Int8Graph (file, method, and the mean
+    relative error of its embeddings of tiles of the `validation` images)}."""
     from tilecore.export.quantize import (
         calibration_set,
         calibration_tiles,
@@ -142,70 +143,69 @@ def write_int8_graphs(
     )
 
     images = training_images(run_dir, category)
-    input_hw = tuple(manifest["tiling"]["backbone_input"])
+    input_hw = manifest.tiling.backbone_input
     graphs = {}
-    for member in manifest["members"]:
-        engine = member["engine"]
+    for member in manifest.members:
+        engine = member.engine
         if engine in graphs:
             continue
-        spec = preprocess_from_manifest(member["preprocess"])
+        spec = member.preprocess
         tiles = calibration_set(images, spec, grid, input_hw, CALIBRATION_TILES)
         checks = calibration_tiles(validation, spec, grid, input_hw, VALIDATION_TILES)
         name = engine.removesuffix(".onnx") + ".int8.onnx"
         method = write_int8_graph(folder / engine, folder / name, tiles, max_error=max_error, validation_tiles=checks)
         error = embedding_error(folder / engine, folder / name, checks)
-        graphs[engine] = {"file": name, "method": method, "embedding_error": round(error, 6)}
+        graphs[engine] = Int8Graph(name, method, round(error, 6))
     return graphs
 
 
 def add_reduced_precisions(
     folder: Path,
-    manifest: dict,
+    manifest: Manifest,
     run_dir: Path,
     category: str,
     grid: TileGrid,
     precisions: list[str],
-    write_manifest: Callable[[dict], None],
+    write: Callable[[Manifest], None],
     floor: float = DEFAULT_FLOOR,
     int8_max_error: float | None = None,
-) -> dict:
+) -> ReducedPrecision:
     """Write and check each precision in `folder` (a complete, staged bundle); returns the manifest block.
 
     `precisions` and `int8_max_error` were checked by check_precisions before the export began.
-    `write_manifest(manifest)` rewrites the staged manifest, since the runtime that checks a precision reads
-    the bundle from disk.
+    `write(manifest)` rewrites the staged manifest (with the new files' checksums), since the runtime that
+    checks a precision reads the bundle from disk.
     `int8_max_error` keeps the int8 layers that cost most in float until the embedding error on validation
     tiles is at most that (export.quantize.write_int8_graph).
     """
-    validation = json.loads((run_dir / category / "split.json").read_text())["validation"]
+    validation = kept_images(run_dir, category, VALIDATION)  # the run's own copies: no dataset needed
     if not validation:
         raise TilecoreError(f"--precision: run {run_dir} has no validation images of {category} to check it on")
     images = [read_rgb(p) for p in validation]
-    threshold = float(manifest["thresholds"]["image"])
+    threshold = manifest.thresholds.image
     reference = validation_scores(folder, images, "cpu", "fp32")
-    block: dict = {"floor": floor}
+    block = ReducedPrecision(floor)
     for precision in precisions:
         if precision == "int8":
-            block["int8"] = write_int8_graphs(folder, manifest, run_dir, category, grid, validation, int8_max_error)
-            manifest["reduced_precision"] = block
-            write_manifest(manifest)
+            graphs = write_int8_graphs(folder, manifest, run_dir, category, grid, validation, int8_max_error)
+            block = replace(block, int8=graphs)
+            write(replace(manifest, reduced_precision=block))
         backend, candidate = precision_scores(folder, images, precision)
-        check = {"backend": backend, **score_difference(reference, candidate, threshold)}
+        check = PrecisionCheck(backend=backend, **score_difference(reference, candidate, threshold))
         log.info(
             "%s%s on %d validation images: max score diff %.4g, p99 %.4g, label agreement %.4f (floor %.2f; "
             "%d flipped; the fp32 score nearest the threshold is %.3g from it)",
-            precision, BACKEND_NOTES.get(backend, ""), check["images"],
-            check["max_score_diff"], check["p99_score_diff"], check["label_agreement"],
-            floor, check["flipped_labels"], check["nearest_to_threshold"],
+            precision, BACKEND_NOTES.get(backend, ""), check.images,
+            check.max_score_diff, check.p99_score_diff, check.label_agreement,
+            floor, check.flipped_labels, check.nearest_to_threshold,
         )  # fmt: skip
-        if check["label_agreement"] < floor:
+        if check.label_agreement < floor:
             raise TilecoreError(
-                f"--precision {precision}: label agreement with fp32 on validation {check['label_agreement']:.3f} "
+                f"--precision {precision}: label agreement with fp32 on validation {check.label_agreement:.3f} "
                 f"is below the floor {floor}; not written (lower it with --precision-floor)"
             )
         if precision == "int8":
-            for graph in block["int8"].values():
-                graph["validation"] = check
+            block = replace(block, int8={name: replace(g, validation=check) for name, g in block.int8.items()})
         else:
-            block[precision] = {"validation": check}
+            block = replace(block, bf16=check)
     return block

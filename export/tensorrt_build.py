@@ -36,6 +36,7 @@ import numpy as np
 from tilecore.export.quantize import calibration_set, relative_error, training_images, write_qdq_graph
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
+from tilecore.runtime.manifest import QdqCalibration
 from tilecore.runtime.preprocess import Preprocess
 from tilecore.runtime.tensorrt_compat import EngineRecord, GpuInfo, Profile, engine_file_name, profile_shapes
 from tilecore.runtime.tiling import TileGrid
@@ -147,11 +148,11 @@ def build_engine(onnx_path: Path, build: TensorRTBuild, stack: BuildStack, tiles
             source = Path(tmp) / onnx_path.name
             write_qdq_graph(onnx_path, source, tiles, build.max_batch)
             probe = tiles[: build.max_batch]
-            calibration = {
-                "method": "onnxruntime static quantization, entropy, symmetric int8, per-channel weights",
-                "tiles": int(len(tiles)),
-                "qdq_relative_error": round(relative_error(onnx_path, source, probe), 6),
-            }
+            calibration = QdqCalibration(
+                method="onnxruntime static quantization, entropy, symmetric int8, per-channel weights",
+                tiles=int(len(tiles)),
+                qdq_relative_error=round(relative_error(onnx_path, source, probe), 6),
+            )
         plan, profile, output_name = build_plan(stack.trt, source, build.precision, build.max_batch, build.workspace_gb)
     name = engine_file_name(onnx_path.name, stack.gpu)
     (onnx_path.parent / name).write_bytes(plan)  # the bundle's staging folder: renamed into place at the end

@@ -6,6 +6,7 @@ FAISS's IndexFlatL2 returns squared L2 distances; the square root is taken here 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -15,6 +16,7 @@ from tilecore.runtime.errors import TilecoreError
 # Scoring rules, named in run metadata and manifests.
 RULE_NEAREST = "nearest"  # image score = max over patches of the distance to the nearest bank entry
 RULE_REWEIGHTED = "reweighted"  # PatchCore eq. 7: that max, scaled by 1 - softmax over k bank neighbours
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # exact; approximate (export.indexes)
 
 
 def build_flat_index(bank: np.ndarray) -> faiss.IndexFlatL2:
@@ -23,6 +25,19 @@ def build_flat_index(bank: np.ndarray) -> faiss.IndexFlatL2:
         raise TilecoreError(f"memory bank: shape {bank.shape}, expected [n > 0, D]")
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(np.ascontiguousarray(bank, dtype=np.float32))
+    return index
+
+
+def read_bank_index(path: Path, rows: int, dim: int, where: str) -> faiss.Index:
+    """A bundle's FAISS index, refused unless it holds exactly the `rows` x `dim` bank its manifest records."""
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:  # FAISS's message is a C++ backtrace; the file passed its sha256, so it was re-hashed
+        raise TilecoreError(f"{where}: {path.name} is not a FAISS index") from None
+    if (index.ntotal, index.d) != (rows, dim):
+        raise TilecoreError(
+            f"{where}: {path.name} holds {index.ntotal} rows of dimension {index.d}, the manifest says {rows} x {dim}"
+        )
     return index
 
 

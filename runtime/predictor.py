@@ -6,6 +6,7 @@ maps, merging, seam smoothing, normalisation and fusion (runtime.merge) -> thres
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,12 +15,11 @@ import numpy as np
 
 from tilecore.runtime.engine import Engine, EngineOptions, open_engine
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.knn import BankScorer
-from tilecore.runtime.manifest import read_manifest
-from tilecore.runtime.merge import MemberCalibration, MergeRule, ensemble_result, score_locations
-from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
+from tilecore.runtime.knn import BankScorer, read_bank_index
+from tilecore.runtime.manifest import Manifest, read_manifest
+from tilecore.runtime.merge import ensemble_result, score_locations
+from tilecore.runtime.preprocess import normalise_rgb, tiles_at
 from tilecore.runtime.stage_timer import StageTimer
-from tilecore.runtime.tiling import TileGrid
 
 
 @dataclass
@@ -32,13 +32,19 @@ class Result:
     rechecked: bool = False  # scored again in fp32 because the reduced-precision score was near the threshold
 
 
-def grid_from_manifest(tiling: dict) -> TileGrid:
-    (h, w), (th, tw), (sh, sw) = tiling["image"], tiling["tile"], tiling["stride"]
-    return TileGrid(h, w, th, tw, sh, sw)
+class SerialGpuIndex:
+    """A FAISS GPU index searched by one thread at a time. FAISS's GPU indexes, and the resource object
+    they share, are not thread-safe even for search (its CPU indexes are), so all share one lock."""
 
+    def __init__(self, index: faiss.Index, lock: threading.Lock) -> None:
+        self.index, self.lock = index, lock
 
-def preprocess_from_manifest(raw: dict) -> Preprocess:
-    return Preprocess(raw["height"], raw["width"], tuple(raw["mean"]), tuple(raw["std"]))
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            return self.index.search(queries, k)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.index, name)
 
 
 def move_indexes_to_gpu(scorers: list[BankScorer], device: str, gpu_id: int) -> str:
@@ -47,30 +53,40 @@ def move_indexes_to_gpu(scorers: list[BankScorer], device: str, gpu_id: int) -> 
         return "cpu"
     resources = faiss.StandardGpuResources()  # one for all indexes: a resource object per index exhausts memory
     resources.setTempMemory(256 * 1024 * 1024)
+    lock = threading.Lock()  # the resources' one user at a time (SerialGpuIndex)
     moved: dict[int, faiss.Index] = {}
     for scorer in {id(s): s for s in scorers}.values():  # stacked banks repeat one scorer: visit it once
         if id(scorer.index) not in moved:  # and scorers sharing an index move it once
             try:
-                moved[id(scorer.index)] = faiss.index_cpu_to_gpu(resources, gpu_id, scorer.index)
+                moved[id(scorer.index)] = SerialGpuIndex(faiss.index_cpu_to_gpu(resources, gpu_id, scorer.index), lock)
             except RuntimeError:  # FAISS has no GPU version of this index kind (HNSW): it stays on the CPU
                 moved[id(scorer.index)] = scorer.index
         scorer.index = moved[id(scorer.index)]
     return f"cuda:{gpu_id}"
 
 
-def engine_file(manifest: dict, engine: str, precision: str) -> str:
+def engine_file(manifest: Manifest, engine: str, precision: str) -> str:
     """The graph a member's engine runs at `precision`: the fp32 ONNX, or the bundle's int8 graph of it."""
     if precision != "int8":
         return engine
-    graphs = manifest.get("reduced_precision", {}).get("int8", {})
+    graphs = manifest.reduced_precision.int8 if manifest.reduced_precision is not None else {}
     if engine not in graphs:
         raise TilecoreError(
             f"--precision int8: bundle has no int8 graph of {engine}; export with `tilecore export --precision int8`"
         )
-    return graphs[engine]["file"]
+    return graphs[engine].file
 
 
-def recheck_margin(manifest: dict, precision: str, recheck: float | str | None) -> float | None:
+def check_embedding_shapes(engines: dict[str, Engine], manifest: Manifest, where: str) -> None:
+    """Run one zero tile through each engine: its embeddings [1, h, w, D] must be what every member using it
+    records (feature_grid, embedding_dim), so an engine and its banks can never disagree silently."""
+    tile = np.zeros((1, 3, *manifest.tiling.backbone_input), dtype=np.float32)  # [1, 3, in_h, in_w]
+    shapes = {name: tuple(engine.run(tile).shape) for name, engine in engines.items()}
+    for member in manifest.members:
+        member.check_embeddings(shapes[member.engine], where)
+
+
+def recheck_margin(manifest: Manifest, precision: str, recheck: float | str | None) -> float | None:
     """The cascade's margin: a score distance, or "auto": the largest score change the exporter measured
     for `precision` on the validation images (manifest `reduced_precision`)."""
     if recheck is None:
@@ -78,11 +94,11 @@ def recheck_margin(manifest: dict, precision: str, recheck: float | str | None) 
     if precision == "fp32":
         raise TilecoreError(f"--recheck {recheck}: only with a reduced --precision (int8, bf16)")
     if recheck == "auto":
-        block = manifest.get("reduced_precision", {}).get(precision, {})
-        checks = [block["validation"]] if "validation" in block else [g["validation"] for g in block.values()]
+        reduced = manifest.reduced_precision
+        checks = reduced.checks(precision) if reduced is not None else []
         if not checks:
             raise TilecoreError(f"--recheck auto: the bundle records no {precision} check on validation images")
-        return max(check["max_score_diff"] for check in checks)
+        return max(check.max_score_diff for check in checks)
     try:
         margin = float(recheck)
     except ValueError:
@@ -106,44 +122,51 @@ class Predictor:
         recheck: float | str | None = None,
         engines: dict[str, Engine] | None = None,
         streams: int = 1,
+        trust: str | Path | None = None,
     ) -> None:
         """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
         threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
         the reduced precision is trusted where it is far from the threshold); "auto": recheck_margin.
         `engines`: engines already opened for `precision`, by fp32 graph name, instead of the bundle's (how
         the exporter and the measurement tools run an emulated bf16 engine on a CPU without bf16).
-        `streams`: OpenVINO's parallel inference streams (EngineOptions.streams)."""
+        `streams`: OpenVINO's parallel inference streams (EngineOptions.streams).
+        `trust`: an Ed25519 public key file; the bundle must carry a valid signature by it (runtime.signing),
+        checked before anything is loaded."""
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle)
+        self.manifest = read_manifest(self.bundle, trust=trust)  # signature, digest, every file's sha256
         if threads:
             faiss.omp_set_num_threads(threads)
         m = self.manifest
-        self.grid = grid_from_manifest(m["tiling"])
-        self.input_hw = tuple(m["tiling"]["backbone_input"])
-        rule_fields = ("image_score", "normalisation", "fusion", "blur_sigma", "seam_band", "seam_sigma")
-        self.rule = MergeRule(**{k: m["postprocess"][k] for k in rule_fields})
-        self.calibrations = [MemberCalibration.from_dict(c) for c in m["calibration"]["members"]]
-        self.thresholds = m["thresholds"]
+        where = f"bundle {self.bundle}"
+        self.grid = m.tiling.tile_grid()
+        self.input_hw = m.tiling.backbone_input
+        self.rule = m.postprocess.rule
+        self.calibrations = list(m.calibration.members)
+        self.thresholds = m.thresholds  # Thresholds: .image, .pixel
         self.recheck = recheck_margin(m, precision, recheck)
-        graphs = {x["engine"] for x in m["members"]}
+        graphs = m.graphs
         options = EngineOptions(device, threads, max_batch, precision, gpu_id, streams=streams)
         if engines is None:
             engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
         elif set(engines) != graphs:
             raise TilecoreError(f"engines for {sorted(engines)}: the bundle's members use {sorted(graphs)}")
+        check_embedding_shapes(engines, m, where)
         self.engines = engines
         self.fp32_engines = {}  # the cascade's second stage: same device, full precision, same indexes
         if self.recheck is not None:
             fp32 = replace(options, precision="fp32")
             self.fp32_engines = {name: open_engine(self.bundle / name, fp32) for name in graphs}
-        indexes = {name: faiss.read_index(str(self.bundle / name)) for x in m["members"] for name in set(x["banks"])}
-        self.members = []
-        for member in m["members"]:
+            check_embedding_shapes(self.fp32_engines, m, where)
+        indexes = {  # each refused unless its rows and dimension are what the manifest records
+            r.file: read_bank_index(self.bundle / r.file, r.rows, r.dim, where) for x in m.members for r in x.indexes
+        }
+        self.members = []  # (Member, the scorer of each tile location)
+        for member in m.members:
             scorers = {
-                name: BankScorer.from_index(indexes[name], member["scoring"], member["num_neighbours"], name)
-                for name in set(member["banks"])
+                name: BankScorer.from_index(indexes[name], member.scoring, member.num_neighbours, name)
+                for name in set(member.banks)
             }
-            self.members.append((member, [scorers[name] for name in member["banks"]]))
+            self.members.append((member, [scorers[name] for name in member.banks]))
         self.knn_device = move_indexes_to_gpu([s for _, scorers in self.members for s in scorers], device, gpu_id)
 
     @property
@@ -161,7 +184,7 @@ class Predictor:
         own = StageTimer()  # this call's stages; added to the caller's timer at the end
         results = self.score(images, self.engines, own)
         if self.recheck is not None:
-            near = [i for i, r in enumerate(results) if abs(r.score - self.thresholds["image"]) < self.recheck]
+            near = [i for i, r in enumerate(results) if abs(r.score - self.thresholds.image) < self.recheck]
             if near:
                 with own("recheck"):
                     again = self.score([images[i] for i in near], self.fp32_engines, StageTimer())
@@ -177,11 +200,10 @@ class Predictor:
         raw = []
         for member, scorers in self.members:
             with own("preprocess"):
-                spec = preprocess_from_manifest(member["preprocess"])
-                normalised = [normalise_rgb(image, spec) for image in images]  # [3, S, S] each
-            engine = engines[member["engine"]]
+                normalised = [normalise_rgb(image, member.preprocess) for image in images]  # [3, S, S] each
+            engine = engines[member.engine]
 
-            def embed(locations: list[int], normalised=normalised, engine=engine, name=member["engine"]) -> np.ndarray:
+            def embed(locations: list[int], normalised=normalised, engine=engine, name=member.engine) -> np.ndarray:
                 with own("tiling"):
                     tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
                 b, t = tiles.shape[:2]  # [B, T', 3, in_h, in_w]
@@ -193,8 +215,8 @@ class Predictor:
             raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, own))
         with own("merge"):
             scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
-            labels = scores >= self.thresholds["image"]
-            masks = maps >= self.thresholds["pixel"]
+            labels = scores >= self.thresholds.image
+            masks = maps >= self.thresholds.pixel
         return [
             Result(float(score), bool(label), anomaly_map, mask)
             for score, label, anomaly_map, mask in zip(scores, labels, maps, masks, strict=True)

@@ -1,21 +1,21 @@
 """What ties a TensorRT engine to one machine, and the check the runtime makes before loading it.
 
 A serialized TensorRT plan runs only under the TensorRT version that built it and on the GPU model it
-was built for. The exporter writes one EngineRecord per engine into manifest["tensorrt"]; the runtime
-compares the record with the TensorRT and GPU it finds and, on any difference, names it in one line and
-falls back to the ONNX graph. Pure Python: nothing here imports tensorrt or CUDA, so all of it is
-tested on machines without a GPU.
+was built for. The exporter writes one EngineRecord (runtime.manifest) per engine into the manifest's
+`tensorrt` list; the runtime compares the record with the TensorRT and GPU it finds and, on any
+difference, names it in one line and falls back to the ONNX graph. Pure Python: nothing here imports
+tensorrt or CUDA, so all of it is tested on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.manifest import TENSORRT_PRECISIONS, EngineRecord, Manifest, Profile
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8+fp16")
+PRECISIONS = TENSORRT_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -27,27 +27,6 @@ class GpuInfo:
     @property
     def sm(self) -> str:
         return "sm" + self.compute_capability.replace(".", "")
-
-
-@dataclass(frozen=True)
-class Profile:
-    """The optimization profile over the batch axis: input shapes [batch, 3, h, w] at min / opt / max."""
-
-    input_name: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    @property
-    def max_batch(self) -> int:
-        return self.max[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"input": self.input_name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Profile:
-        return cls(raw["input"], tuple(raw["min"]), tuple(raw["opt"]), tuple(raw["max"]))
 
 
 def profile_shapes(input_name: str, input_shape: tuple, max_batch: int, opt_batch: int | None = None) -> Profile:
@@ -66,29 +45,6 @@ def profile_shapes(input_name: str, input_shape: tuple, max_batch: int, opt_batc
     if max_batch < 1 or not 1 <= opt_batch <= max_batch:
         raise TilecoreError(f"--max-batch {max_batch}: expected >= 1 (and 1 <= opt <= max, got opt {opt_batch})")
     return Profile(input_name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
-
-
-@dataclass(frozen=True)
-class EngineRecord:
-    """manifest["tensorrt"][i]: one serialized engine and what it needs to run."""
-
-    onnx: str  # the ONNX graph it was built from (the runtime's fallback)
-    engine: str  # file name inside the bundle
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-    precision: str  # one of PRECISIONS
-    profile: Profile
-    output_name: str
-    workspace_gb: float
-    int8_calibration: dict[str, Any] | None = None  # how the Q/DQ scales were found, and the error they cost
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "profile": self.profile.to_dict()}
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> EngineRecord:
-        return cls(**{**raw, "profile": Profile.from_dict(raw["profile"])})
 
 
 def gpu_slug(gpu: GpuInfo) -> str:
@@ -115,9 +71,9 @@ def check_compatible(record: EngineRecord, tensorrt_version: str, gpu: GpuInfo) 
     return None
 
 
-def records_for(manifest: dict[str, Any], onnx_name: str) -> list[EngineRecord]:
+def records_for(manifest: Manifest, onnx_name: str) -> list[EngineRecord]:
     """Every engine the bundle holds for one ONNX graph (one per GPU model it was exported on)."""
-    return [EngineRecord.from_dict(r) for r in manifest.get("tensorrt", []) if r["onnx"] == onnx_name]
+    return [record for record in manifest.tensorrt if record.onnx == onnx_name]
 
 
 def choose_record(records: list[EngineRecord], tensorrt_version: str, gpu: GpuInfo) -> tuple[EngineRecord | None, str]:

@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tilecore.export.bundle import export_run
+    from tilecore.runtime.manifest import MANIFEST_FILE
     from tilecore.train.config import config_from_dict
     from tilecore.train.fit import train_run
     from tilecore.train.synth import build_synth_dataset
@@ -45,7 +46,7 @@ def main() -> None:
     if args.layers:
         member["layers"] = args.layers
     for setup in args.setups:
-        if (out / setup / "manifest.json").is_file():
+        if (out / setup / MANIFEST_FILE).is_file():
             print(f"{out / setup}: exists, kept")
             continue
         tiling = {"preset": setup} if setup in SETUPS or setup in ("ST4", "ST9") else {}

@@ -65,13 +65,14 @@ def main() -> None:
     from tilecore.export.reduced_precision import SIMULATED, bf16_engines, score_difference
     from tilecore.runtime.errors import TilecoreError
     from tilecore.runtime.image_io import read_rgb
+    from tilecore.runtime.manifest import read_manifest
     from tilecore.runtime.predictor import Predictor
 
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="tilecore-bf16-emulated-"))  # emulated graphs, outside the bundles
     for bundle in args.bundles:
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        paths = sorted((args.data / manifest["category"] / "test").glob("*/*.png"))
+        manifest = read_manifest(bundle)
+        paths = sorted((args.data / manifest.category / "test").glob("*/*.png"))
         truth = np.array([p.parent.name != "good" for p in paths])
         images = [read_rgb(p) for p in paths]
         scores, rechecked, speed, rechecked_margin = {}, {}, {}, {}
@@ -93,14 +94,14 @@ def main() -> None:
             key = (device, precision, *recheck)
             scores[key], rechecked[key], speed[key] = timed_scores(predictor, images)
             rechecked_margin[key] = predictor.recheck
-        threshold = manifest["thresholds"]["image"]
+        threshold = manifest.thresholds.image
         reference = scores[("cpu", "fp32")]
         for key, s in scores.items():
             device, precision, *recheck = key
             diff = np.abs(s - reference)
             flipped = score_difference(reference, s, threshold)["flipped_labels"]  # the exporter's own count
             row = {
-                "category": manifest["category"],
+                "category": manifest.category,
                 "device": device,
                 "precision": precision,
                 "recheck": recheck[0] if recheck else None,

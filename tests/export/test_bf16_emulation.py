@@ -109,8 +109,8 @@ def test_export_records_an_emulated_bf16_check_without_bf16_from_openvino(
     monkeypatch.setattr(reduced_precision, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(reduced_precision, "OpenVinoEngine", no_openvino)
     manifest = export_run(run, tmp_path / "b", precisions=("bf16",), precision_floor=0.0)
-    check = manifest["reduced_precision"]["bf16"]["validation"]
-    assert check["backend"] == EMULATED and check["max_score_diff"] > 0
+    check = manifest.reduced_precision.bf16
+    assert check.backend == EMULATED and check.max_score_diff > 0
     assert not [p.name for p in (tmp_path / "b").iterdir() if "emulated" in p.name]  # nothing extra in the bundle
     fp32 = Predictor(tmp_path / "b", device="cpu")
     with pytest.raises(TilecoreError, match="engines for"):
@@ -136,8 +136,8 @@ def test_export_measures_bf16_with_openvino_where_it_can(
     openvino_bf16(graph, tmp_path / "cache")  # skips where OpenVINO gives no bf16 at all
     monkeypatch.setattr(reduced_precision, "cpu_has_bf16", lambda: False)  # as on a CPU without bf16
     manifest = export_run(run, tmp_path / "b", precisions=("bf16",), precision_floor=0.0)
-    check = manifest["reduced_precision"]["bf16"]["validation"]
-    assert check["backend"] == reduced_precision.SIMULATED and check["max_score_diff"] > 0
+    check = manifest.reduced_precision.bf16
+    assert check.backend == reduced_precision.SIMULATED and check.max_score_diff > 0
 
 
 def test_emulation_is_close_to_openvino_bf16(run: Path, tmp_path: Path) -> None:

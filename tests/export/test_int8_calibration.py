@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -33,15 +34,26 @@ def graph(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Em
 
 
 def test_reference_tiles_are_normalised_colour_photographs() -> None:
+    import skimage.data
+
     spec = Preprocess(64, 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     tiles = reference_tiles(spec, (48, 40))
     # each photograph whole, plus three windows of every photograph at least 48 x 40 (all of them are)
     assert tiles.shape == (4 * len(REFERENCE_PHOTOS), 3, 48, 40) and tiles.dtype == np.float32
-    assert tiles.min() >= -1.0 and tiles.max() <= 1.0 and tiles.max() - tiles.min() > 1.5  # (x/255 - 0.5)/0.5
+    expected, sizes = [], []  # [48, 40, 3] uint8 each: the photograph area-resized, then 3 windows
+    for name in REFERENCE_PHOTOS:
+        photo = getattr(skimage.data, name)()[..., :3]
+        ph, pw = photo.shape[:2]
+        sizes.append((ph, pw))
+        expected.append(cv2.resize(photo, (40, 48), interpolation=cv2.INTER_AREA))
+        corners = ((0, 0), ((ph - 48) // 2, (pw - 40) // 2), (ph - 48, pw - 40))
+        expected += [photo[y : y + 48, x : x + 40] for y, x in corners]
+    expected = (np.stack(expected).transpose(0, 3, 1, 2) / 255.0 - 0.5) / 0.5  # [n, 3, 48, 40]
+    np.testing.assert_allclose(tiles, expected, atol=1e-6)
     chroma = np.abs(tiles[:, 0] - tiles[:, 1]).mean(axis=(1, 2))  # |R - G| per tile
     assert (chroma > 0.02).mean() > 0.5  # colour, unlike the grey textures of the demo data
     big = reference_tiles(spec, (600, 600))  # only the photographs of at least 600 x 600 add windows
-    assert 8 < len(big) < len(tiles)
+    assert len(big) == len(REFERENCE_PHOTOS) + 3 * sum(h >= 600 and w >= 600 for h, w in sizes) < len(tiles)
 
 
 def test_calibration_set_is_reference_tiles_then_training_tiles(run: Path, graph: tuple[Path, Embedder]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,17 +33,22 @@ def test_score_difference_arithmetic() -> None:
 def test_int8_graph_is_written_checked_and_selectable(run: Path, tmp_path: Path) -> None:
     export_run(run, tmp_path / "b", precisions=("int8",), precision_floor=0.0)
     manifest = read_manifest(tmp_path / "b")  # verifies every checksum, the int8 graph's included
-    (graph,) = manifest["reduced_precision"]["int8"].values()
-    assert graph["file"].endswith(".int8.onnx") and graph["file"] in manifest["files"]
-    check = graph["validation"]
-    assert check["images"] >= 2 and 0 <= check["label_agreement"] <= 1 and check["max_score_diff"] >= 0
-    assert check["p99_score_diff"] <= check["max_score_diff"]
+    (graph,) = manifest.reduced_precision.int8.values()
+    assert graph.file.endswith(".int8.onnx") and graph.file in manifest.files
+    check = graph.validation
     images = [read_rgb(p) for p in json.loads((run / "gravel" / "split.json").read_text())["validation"]]
     fp32 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu").predict_batch(images)])
-    int8_predictor = Predictor(tmp_path / "b", device=check["backend"], precision="int8")
+    int8_predictor = Predictor(tmp_path / "b", device=check.backend, precision="int8")
     int8 = np.array([r.score for r in int8_predictor.predict_batch(images)])
-    assert np.all(np.isfinite(int8)) and not np.array_equal(int8, fp32)  # a different engine ran
-    assert np.abs(int8 - fp32).max() == pytest.approx(check["max_score_diff"], abs=1e-5)  # what the manifest says
+    assert not np.array_equal(int8, fp32)  # a different engine ran
+    # what the manifest says, recomputed from both engines' scores on the tiny run's 2 validation images
+    diff, threshold = np.abs(int8 - fp32), manifest.thresholds.image
+    flipped = (int8 >= threshold) != (fp32 >= threshold)
+    assert check.images == len(images) == 2
+    assert check.max_score_diff == pytest.approx(diff.max(), abs=1e-5)
+    assert check.p99_score_diff == pytest.approx(np.percentile(diff, 99), abs=1e-5)
+    assert check.flipped_labels == flipped.sum() and check.label_agreement == pytest.approx(1 - flipped.mean())
+    assert check.nearest_to_threshold == pytest.approx(np.abs(fp32 - threshold).min(), abs=1e-5)
 
 
 def test_precision_below_the_floor_is_refused_and_nothing_written(run: Path, tmp_path: Path) -> None:
@@ -63,19 +69,19 @@ def test_bf16_check_is_recorded(run: Path, tmp_path: Path) -> None:
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bf16")
     manifest = export_run(run, tmp_path / "b", precisions=("bf16",), precision_floor=0.0)
-    check = manifest["reduced_precision"]["bf16"]["validation"]
-    assert check["backend"] == "openvino" and check["max_score_diff"] > 0  # bf16 really changed something
+    check = manifest.reduced_precision.bf16
+    assert check.backend == "openvino" and check.max_score_diff > 0  # bf16 really changed something
 
 
 def test_int8_max_error_keeps_costly_layers_float(run: Path, tmp_path: Path) -> None:
     export_run(run, tmp_path / "all", precisions=("int8",), precision_floor=0.0)
     export_run(run, tmp_path / "ac", precisions=("int8",), precision_floor=0.0, int8_max_error=0.004)
-    (everything,) = read_manifest(tmp_path / "all")["reduced_precision"]["int8"].values()
-    (controlled,) = read_manifest(tmp_path / "ac")["reduced_precision"]["int8"].values()
-    assert "accuracy control (embedding error <= 0.004)" in controlled["method"]
-    assert everything["embedding_error"] > 0.004  # all-int8 misses the bound, so some layers must go back to float
-    assert controlled["embedding_error"] <= 0.004
-    int8_convs = [int(g["method"].split(" of ")[0].rsplit(" ", 1)[1]) for g in (everything, controlled)]
+    (everything,) = read_manifest(tmp_path / "all").reduced_precision.int8.values()
+    (controlled,) = read_manifest(tmp_path / "ac").reduced_precision.int8.values()
+    assert "accuracy control (embedding error <= 0.004)" in controlled.method
+    assert everything.embedding_error > 0.004  # all-int8 misses the bound, so some layers must go back to float
+    assert controlled.embedding_error <= 0.004
+    int8_convs = [int(g.method.split(" of ")[0].rsplit(" ", 1)[1]) for g in (everything, controlled)]
     assert int8_convs[1] < int8_convs[0]
 
 
@@ -94,7 +100,7 @@ def test_recheck_scores_images_near_the_threshold_again_in_fp32(run: Path, tmp_p
     images = [read_rgb(p) for p in split["validation"] + split["test"]]
     fp32 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu").predict_batch(images)])
     int8 = np.array([r.score for r in Predictor(tmp_path / "b", device="cpu", precision="int8").predict_batch(images)])
-    threshold = read_manifest(tmp_path / "b")["thresholds"]["image"]
+    threshold = read_manifest(tmp_path / "b").thresholds.image
     distance = np.abs(int8 - threshold)
     margin = float(np.median(distance))  # about half of the images fall inside
     cascade = Predictor(tmp_path / "b", device="cpu", precision="int8", recheck=margin)
@@ -113,25 +119,22 @@ def test_recheck_scores_images_near_the_threshold_again_in_fp32(run: Path, tmp_p
         Predictor(tmp_path / "b", device="cpu", precision="int8", recheck=0.0)
     with pytest.raises(TilecoreError, match="--recheck"):
         Predictor(tmp_path / "b", device="cpu", precision="int8", recheck="near")
-    (graph,) = read_manifest(tmp_path / "b")["reduced_precision"]["int8"].values()
+    (graph,) = read_manifest(tmp_path / "b").reduced_precision.int8.values()
     auto = Predictor(tmp_path / "b", device="cpu", precision="int8", recheck="auto")
-    assert auto.recheck == graph["validation"]["max_score_diff"]  # the export's own measurement
+    assert auto.recheck == graph.validation.max_score_diff  # the export's own measurement
     with pytest.raises(TilecoreError, match="records no bf16 check"):
         Predictor(tmp_path / "b", device="cpu", precision="bf16", recheck="auto")
 
 
 def test_recheck_margin_reads_each_precisions_validation_check() -> None:
+    from tilecore.runtime.manifest import Int8Graph, PrecisionCheck, ReducedPrecision
     from tilecore.runtime.predictor import recheck_margin
 
-    manifest = {
-        "reduced_precision": {
-            "bf16": {"validation": {"max_score_diff": 0.3}},
-            "int8": {
-                "a.onnx": {"validation": {"max_score_diff": 0.4}},
-                "b.onnx": {"validation": {"max_score_diff": 0.7}},
-            },
-        }
-    }
+    def check(diff: float) -> PrecisionCheck:
+        return PrecisionCheck("cpu", 4, diff, diff, 1.0, 0, 0.1)
+
+    graphs = {name: Int8Graph(name + ".int8", "m", 0.01, check(d)) for name, d in (("a.onnx", 0.4), ("b.onnx", 0.7))}
+    manifest = SimpleNamespace(reduced_precision=ReducedPrecision(0.99, graphs, check(0.3)))
     assert recheck_margin(manifest, "bf16", "auto") == 0.3
     assert recheck_margin(manifest, "int8", "auto") == 0.7  # the largest over the bundle's int8 graphs
     assert recheck_margin(manifest, "int8", "0.25") == 0.25 and recheck_margin(manifest, "int8", None) is None
@@ -139,4 +142,4 @@ def test_recheck_margin_reads_each_precisions_validation_check() -> None:
         with pytest.raises(TilecoreError, match=message):
             recheck_margin(manifest, precision, recheck)
     with pytest.raises(TilecoreError, match="records no bf16 check"):
-        recheck_margin({}, "bf16", "auto")
+        recheck_margin(SimpleNamespace(reduced_precision=None), "bf16", "auto")

@@ -4,6 +4,7 @@ INT8 Q/DQ graph and its calibration tiles, and the one-line refusal when the GPU
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_builder_calls(
     assert record.tensorrt_version == trt.__version__ and record.gpu_name == "NVIDIA Fake L4"
     assert record.precision == build.precision and record.profile.max_batch == 4 and record.output_name == "embeddings"
     if int8:
-        assert record.int8_calibration["tiles"] == 12 and 0 < record.int8_calibration["qdq_relative_error"] < 0.05
+        assert record.int8_calibration.tiles == 12 and 0 < record.int8_calibration.qdq_relative_error < 0.05
     else:
         assert record.int8_calibration is None
 
@@ -97,8 +98,10 @@ def test_builder_calls(
 def test_calibration_tiles_are_runtime_tiles_of_training_images(run: Path, graph: tuple[Path, Embedder]) -> None:
     _, embedder = graph
     split = json.loads((run / "gravel" / "split.json").read_text())
-    images = training_images(run, "gravel")
-    assert images == split["train"] and not set(images) & set(split["test"] + split["validation"])
+    images = training_images(run, "gravel")  # the run's kept copies, so export needs no dataset
+    sources = json.loads((run / "gravel" / "kept.json").read_text())["sources"]["calibration"]
+    assert len(images) == len(sources) and all("/kept/calibration/" in p for p in images)
+    assert set(sources) <= set(split["train"]) and not set(sources) & set(split["test"] + split["validation"])
     grid, hw = embedder.grid, embedder.input_hw
     assert grid.count == 4 and len(images) >= 3
     tiles = calibration_tiles(images, embedder.preprocess, grid, hw, limit=12)  # 3 images x 4 locations
@@ -149,9 +152,8 @@ def test_missing_gpu_stack_is_named_in_one_line(monkeypatch, state: dict, messag
     for module in ("tensorrt", "cuda.bindings", "cuda.bindings.runtime"):
         if module in state:
             monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(TilecoreError) as caught:
+    with pytest.raises(TilecoreError, match=f"^--tensorrt: .*{re.escape(message)}") as caught:
         check_build_stack(TensorRTBuild(gpu_id=state.get("gpu_id", 0)))
-    assert str(caught.value).startswith("--tensorrt: ") and message in str(caught.value)
     assert "\n" not in str(caught.value)
 
 
@@ -170,13 +172,13 @@ def test_export_refuses_before_any_work(run: Path, tmp_path: Path, monkeypatch) 
 def test_export_writes_checked_engines_and_records(run: Path, tmp_path: Path, monkeypatch) -> None:
     trt, _ = gpu_fakes.install(monkeypatch)
     manifest = export_run(run, tmp_path / "b", tensorrt=TensorRTBuild(fp16=True, max_batch=4))
-    (record,) = manifest["tensorrt"]
-    (onnx_name,) = {m["engine"] for m in manifest["members"]}
-    assert record["onnx"] == onnx_name and record["engine"] == onnx_name[:-5] + ".nvidia-fake-a10-sm86.engine"
-    assert record["tensorrt_version"] == trt.__version__ and record["compute_capability"] == "8.6"
-    assert record["precision"] == "fp16" and record["profile"]["max"] == [4, 3, 32, 32]
-    assert record["engine"] in manifest["files"] and onnx_name in manifest["files"]
-    assert read_manifest(tmp_path / "b")["tensorrt"] == manifest["tensorrt"]  # checksums verified on load
+    (record,) = manifest.tensorrt
+    (onnx_name,) = manifest.graphs
+    assert record.onnx == onnx_name and record.engine == onnx_name[:-5] + ".nvidia-fake-a10-sm86.engine"
+    assert record.tensorrt_version == trt.__version__ and record.compute_capability == "8.6"
+    assert record.precision == "fp16" and record.profile.max == (4, 3, 32, 32)
+    assert record.engine in manifest.files and onnx_name in manifest.files
+    assert read_manifest(tmp_path / "b").tensorrt == manifest.tensorrt  # checksums verified on load
     assert len(trt.builds) == 1
 
 

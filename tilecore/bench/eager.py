@@ -11,7 +11,7 @@ from tilecore.runtime.manifest import read_manifest
 def load_eager_model(bundle: Path, run: str, threads: int):
     """The CategoryModel of the run the bundle was exported from (`run`, else the manifest's source_run)."""
     manifest = read_manifest(bundle)
-    run_dir = Path(run or manifest.get("source_run", ""))
+    run_dir = Path(run or manifest.source_run)
     if not (run_dir / "config.json").is_file():
         raise TilecoreError(f"--device pytorch: run {run_dir} of bundle {bundle} is not here; pass --run RUN")
     try:
@@ -26,4 +26,4 @@ def load_eager_model(bundle: Path, run: str, threads: int):
         torch.set_num_threads(threads)
     config = load_run_config(run_dir)
     embedders = [load_embedder(config, run_dir, i) for i in range(len(config.members))]
-    return load_category_model(config, run_dir, manifest["category"], embedders)
+    return load_category_model(config, run_dir, manifest.category, embedders)

@@ -15,7 +15,7 @@ import numpy as np
 
 from tilecore.bench.protocol import Protocol, cycle_batches, images_per_second, latency_summary, repeat
 from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.predictor import Predictor, preprocess_from_manifest
+from tilecore.runtime.predictor import Predictor
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
 from tilecore.runtime.stage_timer import StageTimer, stage_group
 
@@ -121,11 +121,11 @@ def backbone_only(predictor: Predictor, images: list[np.ndarray], batch: int, pr
     """Images/s of the engines alone on the images' tiles, cut and normalised beforehand."""
     per_member = []
     for member, _ in predictor.members:
-        spec = preprocess_from_manifest(member["preprocess"])
+        spec = member.preprocess
         locations = list(range(predictor.grid.count))
         grid, input_hw = predictor.grid, predictor.input_hw
         tiles = [tiles_at(normalise_rgb(image, spec), grid, locations, input_hw) for image in images]
-        per_member.append((predictor.engines[member["engine"]], tiles))  # tiles: [T, 3, h, w] per image
+        per_member.append((predictor.engines[member.engine], tiles))  # tiles: [T, 3, h, w] per image
     pick = cycle_batches(len(images), batch)
 
     def call(n: int) -> None:  # the engine calls predict_batch makes, same sizes and order, nothing else

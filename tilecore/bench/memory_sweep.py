@@ -9,12 +9,12 @@ Bundles are kept in `<work>/sweep` and reused by later runs. Needs the train ext
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tilecore.bench.measure import Job
 from tilecore.bench.protocol import QUICK
 from tilecore.bench.run_bench import run_job
+from tilecore.runtime.manifest import MANIFEST_FILE, read_manifest
 
 SIZES = (256, 512, 1024, 2048)
 TILE = 256
@@ -33,7 +33,7 @@ def sweep_config(setup: str, size: int, data: Path) -> dict:
 def sweep_bundle(work: Path, setup: str, size: int, progress=None) -> Path:
     """Train and export one sweep setup unless its bundle is already there."""
     bundle = work / "sweep" / f"{setup}_{size}"
-    if (bundle / "manifest.json").is_file():
+    if (bundle / MANIFEST_FILE).is_file():
         return bundle
     from tilecore.export.bundle import export_run
     from tilecore.train.config import config_from_dict
@@ -56,7 +56,7 @@ def memory_sweep(work: Path, sizes: tuple[int, ...] = SIZES, threads: int = 0, o
             bundle = sweep_bundle(work, setup, size, progress)
             images = sorted(str(p) for p in (work / "sweep" / f"data{size}" / "grass" / "test" / "good").glob("*.png"))
             job = Job(str(bundle), "cpu", "fp32", images, QUICK, threads, f"{setup}_{size}", memory_only=True)
-            tiles = len(json.loads((bundle / "manifest.json").read_text())["members"][0]["banks"])
+            tiles = len(read_manifest(bundle, verify=False).members[0].banks)
             rows.append({"setup": setup, "size": size, "tiles": tiles, **run_job(job)})
             if on_row is not None:
                 on_row(rows[-1])

@@ -11,7 +11,7 @@ import numpy as np
 from tilecore.bench.measure import BACKENDS, Job
 from tilecore.bench.protocol import Protocol
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.manifest import read_manifest
+from tilecore.runtime.manifest import Manifest, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PRECISIONS_BY_BACKEND = {  # what each backend can compute in; other pairs are not measured
@@ -76,9 +76,9 @@ def synthetic_inputs(folder: Path, height: int, width: int, count: int) -> list[
     return paths
 
 
-def input_images(images_dir: Path | None, manifest: dict, work: Path, count: int) -> list[str]:
+def input_images(images_dir: Path | None, manifest: Manifest, work: Path, count: int) -> list[str]:
     if images_dir is None:
-        height, width = manifest["image_size"]
+        height, width = manifest.image_size
         return synthetic_inputs(work / "inputs", height, width, count)
     if not images_dir.is_dir():
         raise TilecoreError(f"--images {images_dir}: not a folder")
