@@ -25,7 +25,7 @@ demo: venv
 	# export each category and run the torch-free runtime on its test images
 	for c in $(CATEGORIES); do \
 	  rm -rf bundles/$$c && $(BIN)/tilecore export $(RUN) --category $$c --out bundles/$$c && \
-	  $(BIN)/tilecore run bundles/$$c "$(DATA)/$$c/test/*/*.png" --out predictions/$$c --device cpu --overlays --masks \
+	  $(BIN)/tilecore run bundles/$$c "$(DATA)/$$c/test/*/*.png" --out predictions/$$c --device cpu --overlays --masks --overwrite \
 	  || exit 1; \
 	done
 	$(BIN)/python tools/results_metrics.py predictions/*/results.jsonl --out predictions/metrics.json

@@ -11,8 +11,26 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` and rename the result onto `path`, so readers never see a half file."""
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only portable way to read it is to set it: done once, at import
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give: 0o666 less the process's umask (read at import)."""
+    return 0o666 & ~_UMASK
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | None = None) -> None:
+    """Call `write(tmp_path)` and rename the result onto `path`, so readers never see a half file.
+
+    The file gets `mode`, or by default what `open()` would give (mkstemp alone makes it 0600, which
+    leaves bundles and results unreadable to the other users of a device).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,6 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

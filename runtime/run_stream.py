@@ -1,24 +1,56 @@
 """`tilecore run BUNDLE INPUT --out DIR`: stream images through a Predictor and write what it finds.
 
-Writes one JSON line per input to results.jsonl as soon as its batch is scored (nothing is lost if the
-process stops), optional overlays and masks as PNG, and summary.json at the end. A bad input gets an
-error line and the stream goes on.
+What lands in `--out`, and the promises about it:
+
+* `results.jsonl`: one JSON line per input, appended as soon as its batch is scored. Each line is written
+  whole; after a failed write (full disk) the file is cut back to its last complete line, so it always
+  ends on a complete record. Strict JSON only: a result with a non-finite score is an error line.
+* `summary.json`: written atomically at the start (`"completed": false`), every few seconds, and at the
+  end (`"completed": true`); an interrupted run leaves `false` with the counts of the lines written.
+  `images + failed` equals the number of lines in results.jsonl.
+* `overlays/`, `masks/` (optional): one PNG per scored input, named `<readable part>-<hash of the input
+  name>.png` so that no two inputs share a file; each result line names its files.
+* `.lock`: an exclusive lock held for the whole run, so a second run into the same folder is refused.
+
+runtime.output_folder keeps these files; this module streams inputs into them.
+
+The input spec is resolved (and the bundle opened, by the caller) before anything in `--out` is created
+or changed. A folder that already holds results is refused unless `resume` (skip the inputs already
+recorded, append the rest) or `overwrite` (start afresh) is asked for. A bad input gets an error line and
+the stream goes on; a fault of the output folder (full disk, read-only, not a folder) ends the run with
+one TilecoreError naming the path.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import math
+import os
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from tilecore.runtime.artifacts import atomic_write_json
-from tilecore.runtime.image_io import write_png
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import IMAGE_SUFFIXES, write_png
+from tilecore.runtime.output_folder import (
+    count_records,
+    lock_out,
+    open_results,
+    read_results,
+    record_line,
+    write_summary,
+)
 from tilecore.runtime.predictor import Predictor, Result
 from tilecore.runtime.sources import Item, stream, validate_image
+
+SUMMARY_EVERY_S = 5.0  # how often a running stream rewrites summary.json
+STEM_CHARS = 60  # readable part of an overlay/mask file name (ASCII, so bytes = chars)
+HASH_CHARS = 16  # hex digits of sha256(input name) that make the file name unique
 
 
 def overlay(image: np.ndarray, result: Result, pixel_threshold: float) -> np.ndarray:
@@ -46,8 +78,78 @@ def batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))[-150:]
+def output_stem(name: str) -> str:
+    """File stem for an input's overlay and mask: the end of its name made safe, plus a hash of all of it.
+
+    Two different names never share a stem (the hash covers the full name, any characters), and the
+    stem stays short (at most STEM_CHARS + 1 + HASH_CHARS ASCII characters) however long the name.
+    """
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    base, suffix = os.path.splitext(name.replace("\\", "/"))
+    if suffix.lower() not in IMAGE_SUFFIXES:
+        base += suffix
+    readable = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in base)
+    readable = re.sub(r"_+", "_", readable)[-STEM_CHARS:].strip("_-")
+    return f"{readable}-{digest}" if readable else digest
+
+
+# --------------------------------------------------------------------------------------------------
+# The stream
+
+
+def _scored_record(item: Item, result: Result, batch_ms: float) -> dict:
+    if not math.isfinite(result.score):
+        return {"input": item.name, "error": f"score is not finite ({result.score})"}
+    return {
+        "input": item.name,
+        "score": round(result.score, 6),
+        "label": "anomalous" if result.label else "normal",
+        "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
+        **({"rechecked_fp32": True} if result.rechecked else {}),
+    }
+
+
+def _write_pictures(
+    predictor: Predictor, out: Path, item: Item, result: Result, record: dict, overlays: bool, masks: bool
+) -> None:
+    """Write the overlay and mask of a scored item and name them in its record."""
+    stem = output_stem(item.name)
+    if overlays:
+        heat = overlay(item.image, result, predictor.thresholds.pixel)
+        record["overlay"] = _write_picture(out, f"overlays/{stem}.png", heat)
+    if masks:
+        record["mask"] = _write_picture(out, f"masks/{stem}.png", full_size_mask(result, item.image.shape[:2]))
+
+
+def _write_picture(out: Path, relative: str, picture: np.ndarray) -> str:
+    try:
+        write_png(out / relative, picture)
+    except OSError as error:
+        raise TilecoreError(f"--out {out / relative}: cannot write ({error.strerror or error})") from None
+    return relative
+
+
+def _batch_records(predictor: Predictor, out: Path, batch: list[Item], overlays: bool, masks: bool) -> list[dict]:
+    """One record per item of the batch, in input order."""
+    tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
+    records: dict[int, dict] = {}
+    usable = []
+    for position, item in enumerate(batch):
+        reason = item.error or validate_image(item.image, tile_hw)
+        if reason:
+            records[position] = {"input": item.name, "error": reason}
+        else:
+            usable.append((position, item))
+    if usable:
+        batch_started = time.perf_counter()
+        outcomes = predictor.predict_batch([item.image for _, item in usable])
+        batch_ms = 1000 * (time.perf_counter() - batch_started) / len(usable)
+        for (position, item), result in zip(usable, outcomes, strict=True):
+            record = _scored_record(item, result, batch_ms)
+            if "error" not in record:
+                _write_pictures(predictor, out, item, result, record, overlays, masks)
+            records[position] = record
+    return [records[position] for position in sorted(records)]
 
 
 def run_stream(
@@ -58,56 +160,95 @@ def run_stream(
     overlays: bool = False,
     masks: bool = False,
     on_item: Callable[[dict], None] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Score every input of `spec`; returns the summary also written to out/summary.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
-    counts = {"images": 0, "anomalous": 0, "failed": 0}
+    """Score every input of `spec`; returns the summary also written to out/summary.json.
+
+    `resume`: keep the records already in out/results.jsonl and score only the inputs they do not name
+    (a name recorded k times skips its first k occurrences). `overwrite`: replace an earlier run's results.
+    Without either, a folder holding results is refused.
+    """
+    if resume and overwrite:
+        raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
+    items = stream(spec)  # raises TilecoreError now when the spec names nothing, before --out is touched
+    try:
+        lock = lock_out(out)
+        try:
+            return _run_locked(predictor, items, out, batch_size, overlays, masks, on_item, resume, overwrite)
+        finally:
+            os.close(lock)  # releases the lock
+    finally:
+        items.close()
+
+
+def _run_locked(
+    predictor: Predictor,
+    items: Iterator[Item],
+    out: Path,
+    batch_size: int,
+    overlays: bool,
+    masks: bool,
+    on_item: Callable[[dict], None] | None,
+    resume: bool,
+    overwrite: bool,
+) -> dict:
+    results, earlier = open_results(out, resume, overwrite)
+    counts = count_records(earlier)
+    done = Counter(record["input"] for record in earlier)
     started = time.perf_counter()
-    with open(out / "results.jsonl", "w") as results:
-        for batch in batches(stream(spec), batch_size):
-            records: dict[int, dict] = {}
-            usable = []
-            for position, item in enumerate(batch):
-                reason = item.error or validate_image(item.image, tile_hw)
-                if reason:
-                    records[position] = {"input": item.name, "error": reason}
-                    counts["failed"] += 1
-                else:
-                    usable.append((position, item))
-            if usable:
-                batch_started = time.perf_counter()
-                outcomes = predictor.predict_batch([item.image for _, item in usable])
-                batch_ms = 1000 * (time.perf_counter() - batch_started) / len(usable)
-                for (position, item), result in zip(usable, outcomes, strict=True):
-                    stem = safe_name(item.name)
-                    if overlays:
-                        heat = overlay(item.image, result, predictor.thresholds["pixel"])
-                        write_png(out / "overlays" / f"{stem}.png", heat)
-                    if masks:
-                        write_png(out / "masks" / f"{stem}.png", full_size_mask(result, item.image.shape[:2]))
-                    counts["images"] += 1
-                    counts["anomalous"] += int(result.label)
-                    records[position] = {
-                        "input": item.name,
-                        "score": round(result.score, 6),
-                        "label": "anomalous" if result.label else "normal",
-                        "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
-                        **({"rechecked_fp32": True} if result.rechecked else {}),
-                    }
-            for position in sorted(records):  # input order
-                results.write(json.dumps(records[position]) + "\n")
+    scored_now = 0
+
+    def summary(completed: bool) -> dict:
+        elapsed = time.perf_counter() - started
+        return {
+            "completed": completed,
+            **counts,
+            "resumed": len(earlier),  # lines kept from an earlier run
+            "seconds": round(elapsed, 3),
+            "images_per_second": round(scored_now / elapsed, 3) if elapsed > 0 else None,  # this run's
+            "providers": predictor.providers,
+            "bundle": str(predictor.bundle),
+            "thresholds": predictor.thresholds.to_dict(),
+        }
+
+    def pending() -> Iterator[Item]:
+        for item in items:
+            if done[item.name] > 0:  # recorded by the earlier run
+                done[item.name] -= 1
+                continue
+            yield item
+
+    try:
+        write_summary(out, summary(False))  # replaces a stale summary before any new line
+        last_summary = time.monotonic()
+        for batch in batches(pending(), batch_size):
+            for record in _batch_records(predictor, out, batch, overlays, masks):
+                try:
+                    line = record_line(record)
+                except ValueError:  # a non-finite number somewhere in the record
+                    record = {"input": record["input"], "error": "result holds a non-finite number"}
+                    line = record_line(record)
+                results.append(line)
+                for key, value in count_records([record]).items():
+                    counts[key] += value
+                scored_now += "error" not in record
                 if on_item:
-                    on_item(records[position])
-            results.flush()
-    elapsed = time.perf_counter() - started
-    summary = {
-        **counts,
-        "seconds": round(elapsed, 3),
-        "images_per_second": round(counts["images"] / elapsed, 3) if elapsed > 0 else None,
-        "providers": predictor.providers,
-        "bundle": str(predictor.bundle),
-        "thresholds": predictor.thresholds,
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+                    on_item(record)
+            if time.monotonic() - last_summary >= SUMMARY_EVERY_S:
+                results.sync()  # the summary never counts lines that are not on disk
+                write_summary(out, summary(False))
+                last_summary = time.monotonic()
+        results.sync()
+        final = summary(True)
+        write_summary(out, final)
+        return final
+    except BaseException:  # interrupted, full disk, a bug: say so, with the counts of the lines on disk
+        try:
+            counts.update(count_records(read_results(results.path)[0]))
+            write_summary(out, summary(False))
+        except (TilecoreError, OSError):
+            pass  # the folder itself is failing; the error being raised says so
+        raise
+    finally:
+        results.close()

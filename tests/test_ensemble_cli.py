@@ -7,9 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from tests.test_cli import assert_ok, assert_user_error, cli, read_json, write_config
+from tests.cli import assert_one_line_refusal, run_cli
+from tests.test_cli import assert_ok, read_json, write_config
+from tests.train.test_metrics import brute_force_f1, pairwise_auroc
 from tilecore.train.synth import build_synth_dataset
 
 CATEGORIES = ("brick", "gravel")
@@ -37,7 +42,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(work: Path) -> Path:
-    assert_ok(cli("train", "ens.toml", "--data", "data", "--out", "runs/full", cwd=work))
+    assert_ok(run_cli("train", "ens.toml", "--data", "data", "--out", "runs/full", cwd=work))
     return work / "runs" / "full"
 
 
@@ -49,18 +54,64 @@ def test_every_member_and_tile_location_gets_a_bank(full_run: Path) -> None:
         calibration = read_json(full_run / category / "calibration.json")
         assert len(calibration["members"]) == 2
         assert all(len(m["per_location"]) == 9 for m in calibration["members"])
-        # fused validation scores are normalised: their threshold is a quantile of them
+        # the validation split holds normal images only, so the threshold is their 0.99 quantile
         scores = calibration["validation_fused_scores"]
-        assert min(scores) <= calibration["thresholds"]["image"] <= max(scores)
+        assert calibration["validation_images"] == len(scores) == 2  # 8 training images x 0.25
+        assert calibration["thresholds"]["image_rule"] == "quantile 0.99"
+        assert calibration["thresholds"]["image"] == pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-9)
+        # each member's image scores are standard scores against these very 2 images, i.e. -1 and +1; the
+        # mean fusion of two members gives -1, +1 (members agree on the order) or 0, 0 (they disagree)
+        fused = sorted(scores)
+        assert np.allclose(fused, [-1.0, 1.0], atol=1e-4) or np.allclose(fused, [0.0, 0.0], atol=1e-4), fused
+
+
+def pixel_truth(full_run: Path, category: str) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """({image: score}, anomaly maps [N, 64, 64], masks [N, 64, 64]) of the test split, scored again here."""
+    from tilecore.runtime.image_io import read_mask, read_rgb
+    from tilecore.train.data import load_category
+    from tilecore.train.ensemble import load_category_model
+    from tilecore.train.model import load_embedder
+    from tilecore.train.run_dir import load_run_config
+
+    config = load_run_config(full_run)
+    data = load_category(config.data.root, category, config.data.format, 0.25, config.data.split_seed)
+    embedders = [load_embedder(config, full_run, i) for i in range(len(config.members))]
+    model = load_category_model(config, full_run, category, embedders)
+    scores, maps = model.predict([read_rgb(s.image) for s in data.test])
+    masks = [
+        np.zeros((64, 64), bool)
+        if s.mask is None
+        else cv2.resize(read_mask(s.mask).astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST) > 0
+        for s in data.test
+    ]
+    return {str(s.image): float(v) for s, v in zip(data.test, scores, strict=True)}, maps, np.stack(masks)
 
 
 def test_ensemble_evaluates(full_run: Path, work: Path) -> None:
-    assert_ok(cli("eval", "runs/full", cwd=work))
+    from tilecore.train.metrics import aupro
+
+    assert_ok(run_cli("eval", "runs/full", cwd=work))
     metrics = read_json(full_run / "metrics.json")
     for category in CATEGORIES:
         values = metrics["categories"][category]
-        assert all(0.0 <= values[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max"))
-        assert 0.0 <= values["threshold_recall"] <= 1.0
+        per_image = read_json(full_run / category / "test_scores.json")
+        labels = np.array([r["label"] for r in per_image])
+        scores = np.array([r["score"] for r in per_image])
+        assert values["test_images"] == len(per_image) == 8 and labels.sum() == 5  # 3 good, 5 defects
+        assert values["image_auroc"] == pytest.approx(pairwise_auroc(labels, scores), abs=1e-12)
+        assert values["f1_max"] == pytest.approx(brute_force_f1(labels, scores), abs=1e-12)
+        threshold = read_json(full_run / category / "calibration.json")["thresholds"]["image"]
+        flagged = scores >= threshold
+        assert values["threshold_recall"] == pytest.approx(flagged[labels == 1].mean(), abs=1e-12)
+        assert values["threshold_precision"] == pytest.approx(
+            (flagged & (labels == 1)).sum() / max(flagged.sum(), 1), abs=1e-12
+        )
+        again, maps, masks = pixel_truth(full_run, category)
+        assert again == pytest.approx({r["image"]: r["score"] for r in per_image}, rel=1e-5)
+        assert values["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+        assert values["aupro"] == pytest.approx(aupro(masks, maps), abs=1e-6)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        assert metrics["mean"][key] == pytest.approx(np.mean([metrics["categories"][c][key] for c in CATEGORIES]))
 
 
 def test_killed_run_resumes_to_the_same_result(full_run: Path, work: Path) -> None:
@@ -76,7 +127,7 @@ def test_killed_run_resumes_to_the_same_result(full_run: Path, work: Path) -> No
     assert 0 < len(bank_bytes(killed)) < len(CATEGORIES) * BANKS_PER_CATEGORY, "the kill came too late"
     assert not (killed / "gravel" / "calibration.json").exists()
 
-    assert_ok(cli("train", "ens.toml", "--data", "data", "--out", "runs/killed", cwd=work))
+    assert_ok(run_cli("train", "ens.toml", "--data", "data", "--out", "runs/killed", cwd=work))
     assert bank_bytes(killed) == bank_bytes(full_run)
     for category in CATEGORIES:
         assert read_json(killed / category / "calibration.json") == read_json(full_run / category / "calibration.json")
@@ -85,7 +136,7 @@ def test_killed_run_resumes_to_the_same_result(full_run: Path, work: Path) -> No
 
 def test_members_trained_separately_then_combined(full_run: Path, work: Path) -> None:
     for member in ("0", "1"):
-        assert_ok(cli("train", "ens.toml", "--data", "data", "--out", "runs/split", "--member", member, cwd=work))
+        assert_ok(run_cli("train", "ens.toml", "--data", "data", "--out", "runs/split", "--member", member, cwd=work))
     split = work / "runs" / "split"
     assert bank_bytes(split) == bank_bytes(full_run)
     # the second member's run found every bank and calibrated
@@ -93,21 +144,21 @@ def test_members_trained_separately_then_combined(full_run: Path, work: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("change", "keywords"),
+    ("change", "message"),
     [
         (
             {"members": [ENSEMBLE["members"][0], {**MEMBER, "layers": ["layer2", "features.denseblock2"]}]},
-            ("member 1", "features.denseblock2", "layer3"),
+            r"member 1.*features\.denseblock2.*layer3",
         ),
-        ({"tiling": {"tile_size": [128]}}, ("tile size 128x128", "64x64")),
-        ({"tiling": {"tile_size": [32], "stride": [0]}}, ("tile stride 0x0",)),
-        ({"tiling": {"tile_size": [32], "stride": [48]}}, ("tile stride 48x48",)),
-        ({"data": {"image_size": 64, "val_fraction": 0.05}}, ("1 validation images", "calibration needs 2")),
+        ({"tiling": {"tile_size": [128]}}, r"tile size 128x128: expected 1\.\.image size 64x64"),
+        ({"tiling": {"tile_size": [32], "stride": [0]}}, r"tile stride 0x0: expected"),
+        ({"tiling": {"tile_size": [32], "stride": [48]}}, r"tile stride 48x48: expected"),
+        ({"data": {"image_size": 64, "val_fraction": 0.05}}, r"1 validation images, calibration needs 2"),
     ],
 )
-def test_bad_ensembles_fail_before_any_work(work: Path, change: dict, keywords: tuple[str, ...]) -> None:
+def test_bad_ensembles_fail_before_any_work(work: Path, change: dict, message: str) -> None:
     name = f"bad_{abs(hash(json.dumps(change, sort_keys=True)))}"
     write_config(work / f"{name}.toml", {**ENSEMBLE, **change})
-    proc = cli("train", f"{name}.toml", "--data", "data", "--out", f"runs/{name}", cwd=work)
-    assert_user_error(proc, *keywords)
+    proc = run_cli("train", f"{name}.toml", "--data", "data", "--out", f"runs/{name}", cwd=work)
+    assert_one_line_refusal(proc, message)
     assert not (work / "runs" / name).exists()

@@ -1,4 +1,4 @@
-"""The `tilecore` command line: data synth, train, eval, export, run, bench.
+"""The `tilecore` command line: data synth, train, eval, export, run, bench, keygen.
 
 User mistakes (TilecoreError) print one line and exit with status 2; heavy libraries are imported
 inside the commands so `tilecore --help` stays fast and runtime-only installs keep working.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +27,11 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
-    return Progress(
+@contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A progress bar on stderr that stays when the work ends and vanishes when it fails, so a refusal
+    that comes mid-way is still the one `error:` line."""
+    progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -34,6 +39,12 @@ def progress_bar() -> Progress:
         console=console,
         transient=False,
     )
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True  # stop() then erases the bar instead of printing it
+            raise
 
 
 @data_app.command("synth")
@@ -132,9 +143,16 @@ def export(
         float | None,
         typer.Option(help="int8: keep the costliest layers float until embeddings are within this of fp32 (0.02)."),
     ] = None,
+    sign: Annotated[
+        Path | None, typer.Option(help="Sign the bundle with this Ed25519 private key (`tilecore keygen`).")
+    ] = None,
 ) -> None:
     """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
     from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack
+    from tilecore.runtime.signing import load_private_key
+
+    if sign is not None:
+        load_private_key(sign)  # a bad key file gets its one line now, before torch loads
 
     asked = {"--fp16": fp16, "--int8": int8, "--workspace-gb": workspace_gb, "--max-batch": max_batch}
     asked = {flag: value for flag, value in {**asked, "--gpu-id": gpu_id}.items() if value not in (None, False)}
@@ -154,11 +172,12 @@ def export(
     from tilecore.export.bundle import export_run
 
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
-    manifest = export_run(run, out, category, index, build, precisions, precision_floor, int8_max_error)
-    engines = sorted({m["engine"] for m in manifest["members"]})
+    manifest = export_run(run, out, category, index, build, precisions, precision_floor, int8_max_error, sign)
+    engines = sorted(manifest.graphs)
     console.print(
         f"bundle written to {out}: {len(engines)} engine(s), "
-        f"{sum(name.endswith('.faiss') for name in manifest['files'])} index(es)"
+        f"{sum(name.endswith('.faiss') for name in manifest.files)} index(es)"
+        + (f", signed with {sign}" if sign is not None else "")
     )
 
 
@@ -190,6 +209,13 @@ def run_bundle(
     ] = 1,
     overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
     masks: Annotated[bool, typer.Option(help="Write binary anomaly masks.")] = False,
+    trust: Annotated[
+        Path | None, typer.Option(help="Refuse the bundle unless it is signed by this Ed25519 public key.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out: score only the inputs not yet in results.jsonl.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in --out.")] = False,
 ) -> None:
     """Score images with a bundle (no torch needed): one JSON line per image, a summary at the end."""
     from tilecore.runtime.predictor import Predictor
@@ -197,13 +223,17 @@ def run_bundle(
 
     if batch < 1:
         raise TilecoreError(f"--batch {batch}: expected >= 1")
-    predictor = Predictor(bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams)
+    if resume and overwrite:
+        raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
+    predictor = Predictor(
+        bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams, trust=trust
+    )
 
     def show(record: dict) -> None:
         if "error" in record:
             console.print(f"[yellow]skipped[/] {record['input']}: {record['error']}", highlight=False)
 
-    summary = run_stream(predictor, input, out, batch, overlays, masks, on_item=show)
+    summary = run_stream(predictor, input, out, batch, overlays, masks, show, resume, overwrite)
     console.print(
         f"{summary['images']} images, {summary['anomalous']} anomalous, {summary['failed']} failed, "
         f"{summary['images_per_second']} images/s on {', '.join(summary['providers'])}; results in {out}"
@@ -230,8 +260,14 @@ def bench(
     work: Annotated[Path, typer.Option(help="Folder for synthetic inputs and sweep bundles (reused).")] = Path(
         ".tilecore-bench"
     ),
+    trust: Annotated[Path | None, typer.Option(help="Refuse any bundle not signed by this Ed25519 public key.")] = None,
 ) -> None:
     """Latency, throughput, stage costs, efficiency and memory of bundles, per backend and precision."""
+    if trust is not None:
+        from tilecore.runtime.signing import verify_bundle
+
+        for bundle in bundles:
+            verify_bundle(bundle, trust)  # before anything is planned or timed
     from tilecore.bench.plan import machine_description, parse_batches, parse_list, plan_jobs
     from tilecore.bench.protocol import QUICK, Protocol
     from tilecore.bench.report import write_report
@@ -270,6 +306,23 @@ def bench(
     console.print(f"written to {out}: {', '.join(files)}")
 
 
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option(help="Folder for the key pair (created; existing keys are never replaced).")],
+) -> None:
+    """Make an Ed25519 key pair for signed bundles: the private key signs (export --sign), the public one
+    goes to the devices (run --trust)."""
+    from tilecore.runtime.signing import generate_keypair
+
+    private, public, fingerprint = generate_keypair(out)
+    lines = (
+        f"private key {private} (mode 0600; keep it on the signing machine, export --sign)",
+        f"public key {public} (copy to the devices, run --trust); fingerprint {fingerprint}",
+    )
+    for line in lines:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     log = logging.getLogger("tilecore")
     log.setLevel(logging.INFO)
@@ -279,8 +332,14 @@ def main() -> None:
     except TilecoreError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as exc:  # a machine fault no command turned into a TilecoreError: still one line
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        message = f"{exc.strerror or exc}{where}"
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]; finished parts are kept, re-run the command to resume")
+        again = "add --resume to the same command" if sys.argv[1:2] == ["run"] else "re-run the same command"
+        console.print(f"[bold red]interrupted[/]; finished parts are kept: {again} to go on")
         sys.exit(130)
 
 

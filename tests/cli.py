@@ -1,0 +1,32 @@
+"""The `tilecore` command line in a real subprocess, and the check that it refused in one line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`tilecore ARGS...` in a child process; undecodable output bytes come back as backslash escapes."""
+    command = [sys.executable, "-m", "tilecore.cli", *map(str, args)]
+    return subprocess.run(
+        command, cwd=cwd, timeout=timeout, capture_output=True, text=True, errors="backslashreplace", **kwargs
+    )
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def assert_one_line_refusal(proc: subprocess.CompletedProcess, pattern: str) -> str:
+    """Exit 2, no traceback, and stderr is one `error:` line that `pattern` finds (re.search); returns it."""
+    assert proc.returncode == 2, describe(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, describe(proc)
+    lines = [line.strip() for line in ANSI.sub("", proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), describe(proc)
+    assert re.search(pattern, lines[0]), f"{pattern!r} not found in {lines[0]!r}"
+    return lines[0]
