@@ -2,7 +2,7 @@
 
 The rule, named in run metadata and manifests: bilinear upsampling with half-pixel centres (OpenCV's
 INTER_LINEAR, which equals PyTorch's `align_corners=False` when enlarging), then a Gaussian blur with
-the kernel fixed from sigma (radius = round(4 * sigma)) and edge-including mirror padding
+the kernel fixed from sigma (radius = int(4 * sigma + 0.5), SciPy's own rule) and edge-including mirror padding
 ("reflect" in SciPy's terms, BORDER_REFLECT in OpenCV's, "symmetric" in NumPy's).
 """
 
@@ -15,8 +15,11 @@ MAP_RULE = {"upsample": "bilinear_half_pixel", "blur": "gaussian", "truncate": 4
 
 
 def blur_kernel_size(sigma: float) -> int:
-    """Odd kernel size covering +-4 sigma, fixed ahead of time (never computed inside a graph)."""
-    return 2 * int(round(4.0 * sigma)) + 1
+    """Odd kernel size covering +-4 sigma, fixed ahead of time (never computed inside a graph).
+
+    The radius rounds halves up, as scipy.ndimage.gaussian_filter(truncate=4) does (Python's round()
+    would round 2.5 down to 2)."""
+    return 2 * int(4.0 * sigma + 0.5) + 1
 
 
 def patch_scores_to_map(patch_scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:

@@ -1,11 +1,12 @@
 """The runtime's map post-processing against the definitions it names (PyTorch bilinear, SciPy blur)."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from tilecore.runtime.anomaly_map import batch_to_maps, patch_scores_to_map
+from tilecore.runtime.anomaly_map import batch_to_maps, blur_kernel_size, patch_scores_to_map
 
 
 def test_upsampling_equals_torch_bilinear_without_corner_alignment() -> None:
@@ -27,3 +28,11 @@ def test_blur_equals_scipy_gaussian_with_reflect_padding() -> None:
 def test_constant_map_stays_constant() -> None:
     ours = patch_scores_to_map(np.full((7, 7), 3.5, dtype=np.float32), 50, 50, sigma=4.0)
     np.testing.assert_allclose(ours, 3.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.625, 1.125, 4.0, 2.3])
+def test_blur_kernel_radius_is_scipys(sigma):
+    impulse = np.zeros(81)
+    impulse[40] = 1.0
+    radius = np.count_nonzero(gaussian_filter(impulse, sigma, truncate=4.0)) // 2  # SciPy's kernel reach
+    assert blur_kernel_size(sigma) == 2 * radius + 1

@@ -83,8 +83,11 @@ def test_normalise_geometric_is_a_ratio_to_the_normal_mean() -> None:
 
 
 def test_normalise_zero_spread_stays_finite() -> None:
-    assert np.isfinite(normalise(np.array([1.0, 2.0]), mean=1.0, std=0.0, rule="mean")).all()
-    assert np.isfinite(normalise(np.array([1.0, 2.0]), mean=0.0, std=1.0, rule="geometric")).all()
+    # a zero spread (or mean, for ratios) is replaced by 1e-12: large but finite values, in order
+    np.testing.assert_allclose(normalise(np.array([1.0, 2.0]), mean=1.0, std=0.0, rule="mean"), [0.0, 1e12], rtol=1e-6)
+    np.testing.assert_allclose(
+        normalise(np.array([1.0, 2.0]), mean=0.0, std=1.0, rule="geometric"), [1e12, 2e12], rtol=1e-6
+    )
 
 
 def test_normalise_outputs_uses_image_stats_for_scores_and_pixel_stats_for_maps() -> None:
@@ -199,7 +202,7 @@ def test_calibrate_f1_rule_is_explicit() -> None:
     labels = np.array([0, 1])
     threshold, how = calibrate_threshold(labels, np.array([0.2, 0.8]), "f1", 0.99)
     assert (threshold, how) == (pytest.approx(0.8), "f1")
-    with pytest.raises(TilecoreError):
+    with pytest.raises(TilecoreError, match="F1 calibration needs both normal and anomalous"):
         calibrate_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3]), "f1", 0.99)
 
 

@@ -200,7 +200,7 @@ def test_member_geometric_normalisation_uses_ratios() -> None:
 def test_member_tile_normalisation_refuses_mismatched_calibration() -> None:
     short = MemberCalibration(PER_LOCATION[:1], IMAGE_STATS)
     rule = MergeRule(normalisation="tile", **NO_SEAMS)
-    with pytest.raises(TilecoreError):
+    with pytest.raises(TilecoreError, match="statistics for 1 tile locations, the grid has 2"):
         member_result(pair_outputs([3.0, 10.0], [2.0, 6.0]), PAIR, rule, short)
 
 
@@ -253,5 +253,5 @@ def test_ensemble_of_one_member_is_that_member() -> None:
 
 
 def test_ensemble_needs_one_calibration_per_member() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shorter"):  # zip(..., strict=True): one calibration is missing
         ensemble_result([MEMBER_A, MEMBER_B], PAIR, MergeRule(), [CAL_A])
