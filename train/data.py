@@ -37,7 +37,9 @@ class CategoryData:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every entry of `folder` named like an image, sorted. Broken links and folders with image names are
+    listed too: reading them fails, and training logs them and records them as skipped, never drops them."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def split_validation(normals: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

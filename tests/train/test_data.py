@@ -74,3 +74,25 @@ def test_validation_needs_enough_images(tmp_path: Path) -> None:
     make_mvtec(tmp_path, n_train=1)
     with pytest.raises(TilecoreError, match="cannot spare"):
         load_category(tmp_path, "bottle", "mvtec", val_fraction=0.1, seed=0)
+
+
+def test_broken_links_and_image_named_folders_are_listed_then_skipped_with_a_message(tmp_path: Path, caplog) -> None:
+    from tilecore.train.data import Sample, list_images
+    from tilecore.train.fit import read_batches
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    write_png(folder / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (folder / "b.png").symlink_to(folder / "gone.png")
+    (folder / "c.png").mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    listed = list_images(folder)
+    assert [p.name for p in listed] == ["a.png", "b.png", "c.png"]
+    skipped: list[str] = []
+    with caplog.at_level("WARNING", logger="tilecore"):
+        batches = list(read_batches([Sample(p, 0, "good") for p in listed], 4, skipped))
+    assert [[s.image.name for s in samples] for samples, _ in batches] == [["a.png"]]
+    assert skipped == [str(folder / "b.png"), str(folder / "c.png")]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("b.png: broken symbolic link" in m for m in messages), messages
+    assert any("c.png: is a folder" in m for m in messages), messages
