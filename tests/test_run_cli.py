@@ -190,6 +190,17 @@ def test_read_only_folder_is_one_line(bundle: Path, tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
+def test_names_that_look_like_console_markup_are_printed_as_they_are(bundle: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "x["  # inputs/]b.png prints as .../x[/]b.png: rich's closing tag with nothing to close
+    inputs.mkdir()
+    for name in ("]b.png", "[bold]c.png"):
+        (inputs / name).write_bytes(b"")  # empty: each gets an error line, which the CLI prints
+    proc = tilecore(bundle, inputs, tmp_path / "out")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    for name in ("]b.png", "[bold]c.png"):
+        assert f"skipped {inputs / name}: image {inputs / name}: file is empty" in proc.stderr, proc.stderr
+
+
 def test_overlay_and_mask_names_never_collide(bundle: Path, tmp_path: Path) -> None:
     image = sorted((bundle.parent / "data" / "gravel" / "test" / "good").glob("*.png"))[0].read_bytes()
     names = ["a b.png", "a_b.png", "a__b.png", "a?b.png", "a#b.png", "a.b.png", "a-b.png", "a b .png"]

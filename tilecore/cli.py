@@ -231,12 +231,17 @@ def run_bundle(
 
     def show(record: dict) -> None:
         if "error" in record:
-            console.print(f"[yellow]skipped[/] {record['input']}: {record['error']}", highlight=False)
+            console.print(
+                f"[yellow]skipped[/] {escape(record['input'])}: {escape(record['error'])}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     summary = run_stream(predictor, input, out, batch, overlays, masks, show, resume, overwrite)
     console.print(
         f"{summary['images']} images, {summary['anomalous']} anomalous, {summary['failed']} failed, "
-        f"{summary['images_per_second']} images/s on {', '.join(summary['providers'])}; results in {out}"
+        f"{summary['images_per_second']} images/s on {', '.join(summary['providers'])}; results in {out}",
+        markup=False,
     )
 
 
@@ -333,12 +338,17 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as exc:  # a machine fault no command turned into a TilecoreError: still one line
-        where = f": {exc.filename}" if exc.filename is not None else ""
+        from tilecore.runtime.image_io import display_path  # any file name, printable
+
+        name = exc.filename
+        where = f": {display_path(name) if isinstance(name, str | bytes | Path) else name}" if name is not None else ""
         message = f"{exc.strerror or exc}{where}"
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        again = "add --resume to the same command" if sys.argv[1:2] == ["run"] else "re-run the same command"
+        again = "re-run the same command"
+        if sys.argv[1:2] == ["run"]:
+            again = "run it again with --resume" + (" instead of --overwrite" if "--overwrite" in sys.argv else "")
         console.print(f"[bold red]interrupted[/]; finished parts are kept: {again} to go on")
         sys.exit(130)
 
