@@ -15,9 +15,8 @@ from tilecore.runtime.tiling import TileGrid, tile_grid
 from tilecore.train.backbones import create_feature_extractor, default_mean_std, feature_channels
 from tilecore.train.config import Config, MemberConfig, tiling_geometry
 from tilecore.train.patchcore import PatchEmbedder
+from tilecore.train.run_dir import MEMBERS_DIR
 from tilecore.train.weights import resolve_weights
-
-MEMBERS_DIR = "members"
 
 
 @dataclass

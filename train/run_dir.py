@@ -66,18 +66,25 @@ def finished_banks(run_dir: Path) -> list[Path]:
 
 
 def stored_config(config_path: Path) -> Any:
-    """The config a run folder holds, or None where that file is not valid JSON."""
+    """The config a run folder holds, or None where that file is not a tilecore run config."""
     try:
-        return read_json(config_path)
+        raw = read_json(config_path)
+        config_from_dict(raw, str(config_path))
     except TilecoreError:
         return None
+    return raw
 
 
 def clear_unfinished_run(run_dir: Path) -> None:
     """Remove what tilecore wrote into a run folder that holds no finished bank, and nothing else."""
     for name in (CONFIG_FILE, METADATA_FILE, METRICS_FILE):
         (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / MEMBERS_DIR, ignore_errors=True)
+    members = run_dir / MEMBERS_DIR
+    if members.is_dir():
+        for weights in members.glob("m*.safetensors"):  # train.model.embedder_path
+            weights.unlink()
+        if not any(members.iterdir()):
+            members.rmdir()
     for folder in (p for p in run_dir.iterdir() if p.is_dir() and (p / SPLIT_FILE).is_file()):  # categories
         for name in CATEGORY_ENTRIES:
             entry = folder / name
@@ -99,7 +106,10 @@ def prepare_run_dir(run_dir: Path, config: Config) -> bool:
     """
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file():
-        if stored_config(config_path) == config.to_dict():
+        stored = stored_config(config_path)
+        if stored is None:  # someone else's config.json: nothing here is tilecore's to replace
+            raise TilecoreError(f"run {run_dir}: folder exists and is not a tilecore run; choose another --out")
+        if stored == config.to_dict():
             for leftover in run_dir.rglob(".*.tmp"):  # half-written files of a killed run
                 leftover.unlink()
             return True

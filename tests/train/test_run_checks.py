@@ -232,6 +232,27 @@ def test_unfinished_run_is_replaced_but_what_tilecore_did_not_write_stays(tmp_pa
     assert json.loads((out / CONFIG_FILE).read_text())["members"][0]["coreset_ratio"] == 0.5
 
 
+def test_a_folder_with_someone_elses_config_json_is_refused_and_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "app"
+    (out / "members").mkdir(parents=True)
+    files = {"config.json": '{"name": "my app"}', "metrics.json": "{}", "members/notes.txt": "mine"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(TilecoreError, match=r"folder exists and is not a tilecore run"):
+        prepare_run_dir(out, config_from_dict(raw_config(tmp_path)))
+    assert {name: (out / name).read_text() for name in files} == files
+
+
+def test_replacing_an_unfinished_run_keeps_the_users_files_in_members(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    prepare_run_dir(out, config_from_dict(raw_config(tmp_path)))
+    (out / "members").mkdir()
+    (out / "members" / "m0.safetensors").write_text("x")
+    (out / "members" / "notes.txt").write_text("mine")
+    prepare_run_dir(out, config_from_dict(raw_config(tmp_path, coreset_ratio=0.5)))
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["notes.txt"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the CLI: exit 2, one line, no traceback
 
