@@ -52,7 +52,7 @@ def take_lock(path: Path) -> int | None:
     """An open descriptor holding an exclusive flock on `path`, or None when another process holds it."""
     try:
         fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
+    except OSError:  # gone meanwhile, or another user's lock file: not ours to clean
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,7 +81,11 @@ def remove_stale_staging(out: Path) -> list[Path]:
             os.close(fd)
             removed.append(folder)
         elif entry.is_dir() and not entry.with_name(entry.name + LOCK_SUFFIX).exists():
-            if time.time() - entry.stat().st_mtime > UNLOCKED_MAX_AGE_S:
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except OSError:  # removed meanwhile by another export
+                continue
+            if age > UNLOCKED_MAX_AGE_S:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     for folder in removed:

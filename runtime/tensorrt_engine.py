@@ -127,6 +127,8 @@ class TensorRTEngine:
         tiles = np.ascontiguousarray(tiles, dtype=np.float32)  # [N, 3, h, w]
         out = np.empty((len(tiles), *self.out_item_shape), dtype=np.float32)  # [N, h', w', D]
         with self.lock:
+            if not self._release.alive:  # close() freed the buffers while this call waited for the lock
+                raise TilecoreError(f"engine {self.record.engine}: used after close()")
             cuda_call(self.cudart.cudaSetDevice(self.device_index), "cudaSetDevice")  # per host thread in CUDA
             for start in range(0, len(tiles), self.max_batch):
                 chunk = tiles[start : start + self.max_batch]

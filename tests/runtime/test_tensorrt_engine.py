@@ -137,6 +137,8 @@ def test_native_engine_matches_onnx_runtime_without_per_batch_allocation(bundles
     assert cudart.calls["cudaMemcpyHostToDevice"] == cudart.calls["cudaMemcpyDeviceToHost"] == 4
     native.close()
     assert cudart.buffers == {} and cudart.streams == set()
+    with pytest.raises(TilecoreError, match=r"engine .*: used after close\(\)"):
+        native.run(tiles)  # freed buffers are never touched
     wide = open_engine(path, EngineOptions("tensorrt-native", max_batch=64))
     assert wide.max_batch == 4  # the engine's profile caps the batch
 
