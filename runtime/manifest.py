@@ -58,8 +58,8 @@ def plain_name_problem(name: str) -> str | None:
         return "a path (a '/' or '\\' in the name)"
     if ".." in name:
         return "'..' in the name"
-    if any(ord(c) < 32 for c in name):
-        return "a control character (NUL, newline) in the name"
+    if not name.isprintable():
+        return "a control or unprintable character (NUL, newline, ...) in the name"
     if name in (".", *NOT_IN_FILES):
         return "a reserved name"
     return None
@@ -203,7 +203,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 # --- the parts ----------------------------------------------------------------------------------------
@@ -788,7 +793,7 @@ def _reject_constant(name: str) -> None:
 def _parse(data: bytes, where: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: also 5000-digit integers
         raise TilecoreError(f"{where}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
 
 
@@ -802,7 +807,8 @@ def check_digest(bundle: Path, data: bytes) -> None:
             raise TilecoreError(version_refusal(where, raw.get("format_version")))
         raise TilecoreError(f"{where}: no {DIGEST_FILE} beside {MANIFEST_FILE}, so the manifest is unchecked; "
                             "re-export the bundle with this tilecore")  # fmt: skip
-    words = path.read_bytes().split()
+    with open(path, "rb") as f:
+        words = f.read(256).split()  # a digest line is 80 bytes; never read a link to /dev/zero whole
     if not words or not _SHA256.fullmatch(words[0].decode("ascii", "replace")):
         raise TilecoreError(f"{where}: {DIGEST_FILE} does not hold a sha256 digest; re-export the bundle")
     if words[0].decode("ascii") != hashlib.sha256(data).hexdigest():
@@ -846,6 +852,8 @@ def read_manifest(bundle: str | Path, verify: bool = True, trust: str | Path | A
     if verify:
         for name, expected in manifest.files.items():
             file = bundle / name
+            if file.is_symlink():  # its bytes may be checked, but the file would live outside the bundle
+                raise TilecoreError(f"{where}: {name!r} is a symbolic link; a bundle holds its files itself")
             if not file.is_file():
                 raise TilecoreError(f"{where}: {name} is missing")
             if sha256_file(file) != expected:

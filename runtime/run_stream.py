@@ -46,7 +46,7 @@ from tilecore.runtime.output_folder import (
     write_summary,
 )
 from tilecore.runtime.predictor import Predictor, Result
-from tilecore.runtime.sources import Item, stream, validate_image
+from tilecore.runtime.sources import Item, is_camera, stream, validate_image
 
 SUMMARY_EVERY_S = 5.0  # how often a running stream rewrites summary.json
 STEM_CHARS = 60  # readable part of an overlay/mask file name (ASCII, so bytes = chars)
@@ -171,6 +171,8 @@ def run_stream(
     """
     if resume and overwrite:
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
+    if resume and is_camera(spec):  # frame names restart at #0 each run: resuming would drop live frames
+        raise TilecoreError(f"--resume with camera {spec}: a camera has no earlier frames to skip; use --overwrite")
     items = stream(spec)  # raises TilecoreError now when the spec names nothing, before --out is touched
     try:
         lock = lock_out(out)

@@ -84,7 +84,7 @@ class Signature:
         bad = f"{where}: not a valid {SIGNATURE_FORMAT} file"
         try:
             raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, 5000-digit integers
             raise TilecoreError(f"{bad} (not JSON); re-export with --sign") from None
         if not isinstance(raw, dict) or raw.get("format") != SIGNATURE_FORMAT:
             raise TilecoreError(f"{bad} (format is not {SIGNATURE_FORMAT!r})")

@@ -77,6 +77,11 @@ class Item:
 # Resolving a spec into (name, loader) pairs
 
 
+def is_camera(spec: str) -> bool:
+    """True when iter_sources reads `spec` as a camera index (digits naming no file or folder)."""
+    return re.fullmatch(r"[0-9]+", spec) is not None and not Path(os.path.expanduser(spec)).exists()
+
+
 def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
     """Resolve INPUT into `(name, loader)` pairs, yielded lazily; each loader returns RGB uint8 [H, W, 3].
 
@@ -107,7 +112,7 @@ def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
             f"input {shown}: unsupported file type '{display_path(path.suffix)}' (expected an image, a video "
             f"{'/'.join(VIDEO_SUFFIXES)} or a list file {'/'.join(LIST_SUFFIXES)})"
         )
-    if re.fullmatch(r"[0-9]+", spec):
+    if is_camera(spec):
         return _camera_frames(int(spec))
     if any(c in text for c in "*?["):
         matches = sorted(glob.glob(text, recursive=True))

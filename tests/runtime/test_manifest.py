@@ -94,7 +94,10 @@ def test_an_old_format_version_is_refused_in_one_line(tiny: dict, tmp_path: Path
         read_manifest(bundle)
 
 
-@pytest.mark.parametrize("name", ["../x.onnx", "/abs/x.onnx", "sub/x.onnx", "sub\\x.onnx", "x\0.onnx", "x\n.onnx", ""])
+@pytest.mark.parametrize(
+    "name",
+    ["../x.onnx", "/abs/x.onnx", "sub/x.onnx", "sub\\x.onnx", "x\0.onnx", "x\n.onnx", "x\x7f.onnx", "x\u2028.onnx", ""],
+)
 @pytest.mark.parametrize("where", ["engine", "bank", "files"])
 def test_names_outside_the_bundle_are_refused(tiny: dict, tmp_path: Path, name: str, where: str) -> None:
     bundle = copy_bundle(tiny, tmp_path)
@@ -114,6 +117,49 @@ def test_names_outside_the_bundle_are_refused(tiny: dict, tmp_path: Path, name: 
     ) as caught:
         read_manifest(bundle)
     assert "\n" not in str(caught.value)
+
+
+def test_a_file_that_is_a_symbolic_link_is_refused(tiny: dict, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny, tmp_path)
+    bank = raw_manifest(bundle)["members"][0]["indexes"][0]["file"]
+    outside = tmp_path / "elsewhere.faiss"
+    (bundle / bank).rename(outside)
+    (bundle / bank).symlink_to(outside)  # the same bytes, so its sha256 still matches
+    with pytest.raises(TilecoreError, match=rf"'{bank}' is a symbolic link; a bundle holds its files itself"):
+        read_manifest(bundle)
+
+
+def test_a_digest_file_linked_to_an_endless_device_is_refused_not_read(tiny: dict, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny, tmp_path)
+    (bundle / DIGEST_FILE).unlink()
+    (bundle / DIGEST_FILE).symlink_to("/dev/zero")
+    with pytest.raises(TilecoreError, match=rf"no {DIGEST_FILE} beside {MANIFEST_FILE}"):
+        read_manifest(bundle)  # not a regular file: refused, never read
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+        ('{"x": ' + "9" * 5000 + "}", "not valid JSON"),
+    ],
+)
+def test_json_that_breaks_parsers_is_one_line(tiny: dict, tmp_path: Path, text: str, message: str) -> None:
+    bundle = copy_bundle(tiny, tmp_path)
+    (bundle / MANIFEST_FILE).write_text(text)
+    (bundle / DIGEST_FILE).write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    with pytest.raises(TilecoreError, match=message) as caught:
+        read_manifest(bundle)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_integer_too_large_for_a_float_is_refused_by_field(tiny: dict, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny, tmp_path)
+    raw = raw_manifest(bundle)
+    raw["thresholds"]["image"] = 10**400  # math.isfinite() raised OverflowError on it
+    rewrite(bundle, raw)
+    with pytest.raises(TilecoreError, match=r"manifest.json thresholds.image: expected a finite number"):
+        read_manifest(bundle)
 
 
 @pytest.mark.parametrize("victim", ["engine", "bank"])

@@ -251,6 +251,18 @@ def test_resume_refuses_a_file_that_is_not_results(tmp_path: Path) -> None:
         run_stream(FakePredictor(), str(tmp_path / "in"), out, resume=True)
 
 
+def test_resume_of_a_camera_is_refused_before_the_camera_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "0" names no file here, so it is a camera index
+
+    def never(*args: object) -> None:
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr("tilecore.runtime.sources._camera_frames", never)
+    with pytest.raises(TilecoreError, match=r"^--resume with camera 0: a camera has no earlier frames to skip"):
+        run_stream(FakePredictor(), "0", tmp_path / "out", resume=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_starts_afresh(tmp_path: Path) -> None:
     numbered_images(tmp_path / "in", 3)
     out = tmp_path / "out"

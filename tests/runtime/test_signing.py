@@ -316,3 +316,12 @@ def test_a_runtime_without_cryptography_runs_unsigned_bundles_and_says_what_to_i
     assert proc.returncode == 0, proc.stderr
     assert "unsigned bundle loads: ['CPUExecutionProvider']" in proc.stdout
     assert "refused: signed bundles need the `cryptography` package: pip install 'cryptography>=" in proc.stdout
+
+
+@pytest.mark.parametrize("data", [b'{"format": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000])
+def test_a_signature_file_that_breaks_the_json_parser_is_one_line(data: bytes) -> None:
+    from tilecore.runtime.signing import Signature
+
+    with pytest.raises(TilecoreError, match=r"^b/manifest.sig: not a valid .* file \(not JSON\); re-export") as caught:
+        Signature.from_bytes(data, "b/manifest.sig")
+    assert "\n" not in str(caught.value)
