@@ -1,10 +1,15 @@
 """Backbone engines: normalised tiles [N, 3, h, w] -> patch embeddings [N, h', w', D] float32.
 
-`open_engine(path, device)` picks the backend. ONNX Runtime serves `cpu`, `cuda` and `tensorrt` (its
+`open_engine(path, options, graph)` picks the backend. ONNX Runtime serves `cpu`, `cuda` and `tensorrt` (its
 TensorRT execution provider, plans cached per graph in the user's cache: trt_ep_cache_dir); `openvino`
 and `tensorrt-native` live in their own modules and are imported only when asked for. `auto` walks
 AUTO_ORDER and takes the first backend that is present, saying which one runs. Every engine returns
 float32 whatever precision it computes in, so kNN, normalisation and thresholds always run in float32.
+
+A Predictor passes `graph` (BundleGraph): every backend then loads the bytes the manifest checked
+(manifest.read_checked) instead of opening the path again, names its caches by the manifest's sha256
+instead of hashing the graph again, and native TensorRT takes its plan from that same manifest. Without
+it (export, tests, tools opening a bare .onnx), the backends read `path` themselves.
 
 Every engine may be shared by threads: ONNX Runtime's sessions are safe to run concurrently, the OpenVINO
 and native TensorRT engines serialise their own calls (one lock each around state a call owns).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +29,7 @@ import onnxruntime as ort
 
 from tilecore.runtime.artifacts import sha256_file
 from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.manifest import Manifest, read_checked
 
 log = logging.getLogger("tilecore")
 
@@ -64,6 +71,24 @@ class EngineOptions:
             raise TilecoreError(f"--streams {self.streams}: expected >= 1")
 
 
+@dataclass
+class BundleGraph:
+    """A graph of a bundle whose manifest the caller has read and trusts (the Predictor's): `sha256` names it
+    in compiled-model caches, `data` is its bytes, read once on first use and checked against that sha256."""
+
+    bundle: Path
+    manifest: Manifest  # also the source of native TensorRT's records and plans
+    name: str  # the graph's file name in the bundle
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.files[self.name]
+
+    @cached_property
+    def data(self) -> bytes:
+        return read_checked(self.bundle, self.manifest, self.name)
+
+
 class Engine(Protocol):
     provider: str  # what actually runs, e.g. "CPUExecutionProvider" or "OpenVINO CPU bf16"
     max_batch: int
@@ -82,15 +107,15 @@ def user_cache_dir(kind: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilecore" / kind
 
 
-def trt_ep_cache_dir(graph: Path, cache_dir: Path | None) -> Path | None:
-    """The TensorRT EP's plan folder for `graph`: `<cache>/<graph sha256>`, so a graph never meets another
-    graph's plans, and bundles stay read-only and byte for byte what the manifest lists. None (no cache)
-    where it cannot be made.
+def trt_ep_cache_dir(graph: Path, cache_dir: Path | None, sha256: str | None = None) -> Path | None:
+    """The TensorRT EP's plan folder for `graph`: `<cache>/<graph sha256>` (`sha256`, or hashed here), so a
+    graph never meets another graph's plans, and bundles stay read-only and byte for byte what the manifest
+    lists. None (no cache) where it cannot be made.
 
     ONNX Runtime deserializes these plans without any check of its own: a plan in the folder is trusted
     as the user's own file. Deleting the folder costs one rebuild."""
     try:
-        folder = (cache_dir or user_cache_dir("trt_ep")) / sha256_file(graph)
+        folder = (cache_dir or user_cache_dir("trt_ep")) / (sha256 or sha256_file(graph))
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None  # a read-only home, or no graph (the session then names it): build every time
@@ -132,7 +157,7 @@ def choose_providers(device: str, available: list[str], cache_dir: Path | None, 
 class OrtEngine:
     """One ONNX graph run by ONNX Runtime on the provider `device` names."""
 
-    def __init__(self, path: Path, options: EngineOptions, device: str) -> None:
+    def __init__(self, path: Path, options: EngineOptions, device: str, graph: BundleGraph | None = None) -> None:
         if options.precision == "bf16":
             raise TilecoreError(
                 f"--precision bf16: ONNX Runtime's {device} provider has no bf16 convolutions; use --device openvino"
@@ -145,13 +170,14 @@ class OrtEngine:
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         cache_dir = (
-            trt_ep_cache_dir(path, options.cache_dir)
+            trt_ep_cache_dir(path, options.cache_dir, graph.sha256 if graph else None)
             if device == "tensorrt" and PROVIDERS[device] in available
             else None
         )
         providers = choose_providers(device, available, cache_dir, options.gpu_id)
+        model = graph.data if graph is not None else str(path)  # the checked bytes, never the path again
         try:
-            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+            self.session = ort.InferenceSession(model, session_options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise TilecoreError(f"engine {path.name}: cannot load ({str(exc).splitlines()[0][:200]})") from None
         self.provider = self.session.get_providers()[0]
@@ -162,29 +188,30 @@ class OrtEngine:
         return run_in_chunks(lambda x: self.session.run(None, {self.input_name: x})[0], tiles, self.max_batch)
 
 
-def open_backend(path: Path, options: EngineOptions, device: str) -> Engine:
+def open_backend(path: Path, options: EngineOptions, device: str, graph: BundleGraph | None = None) -> Engine:
     """The engine for one concrete device name (never `auto`)."""
     if options.streams > 1 and device != "openvino":
         raise BackendMissing(f"--streams {options.streams}: parallel streams are OpenVINO's; use --device openvino")
     if device == "openvino":
         from tilecore.runtime.openvino_engine import OpenVinoEngine
 
-        return OpenVinoEngine(path, options)
+        return OpenVinoEngine(path, options, graph)
     if device == "tensorrt-native":
         from tilecore.runtime.tensorrt_engine import TensorRTEngine
 
-        return TensorRTEngine(path, options)
-    return OrtEngine(path, options, device)
+        return TensorRTEngine(path, options, graph)
+    return OrtEngine(path, options, device, graph)
 
 
-def open_engine(path: Path, options: EngineOptions) -> Engine:
-    """The engine for the ONNX graph at `path` on options.device; `auto` takes the first backend present."""
+def open_engine(path: Path, options: EngineOptions, graph: BundleGraph | None = None) -> Engine:
+    """The engine for the ONNX graph at `path` on options.device; `auto` takes the first backend present.
+    `graph`: the same graph from a checked bundle, loaded from its checked bytes (module docstring)."""
     if options.device != "auto":
-        return open_backend(path, options, options.device)
+        return open_backend(path, options, options.device, graph)
     reasons = []
     for device in AUTO_ORDER:
         try:
-            engine = open_backend(path, options, device)
+            engine = open_backend(path, options, device, graph)
         except BackendMissing as missing:
             log.debug("auto: %s", missing)
             reasons.append(str(missing))

@@ -6,7 +6,6 @@ FAISS's IndexFlatL2 returns squared L2 distances; the square root is taken here 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -28,15 +27,16 @@ def build_flat_index(bank: np.ndarray) -> faiss.IndexFlatL2:
     return index
 
 
-def read_bank_index(path: Path, rows: int, dim: int, where: str) -> faiss.Index:
-    """A bundle's FAISS index, refused unless it holds exactly the `rows` x `dim` bank its manifest records."""
+def read_bank_index(data: bytes, name: str, rows: int, dim: int, where: str) -> faiss.Index:
+    """A bundle's FAISS index from its checked bytes (manifest.read_checked), refused unless it holds exactly
+    the `rows` x `dim` bank its manifest records; `name` (the file's) labels the refusals."""
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))  # bytes [n] -> index, no re-read
     except RuntimeError:  # FAISS's message is a C++ backtrace; the file passed its sha256, so it was re-hashed
-        raise TilecoreError(f"{where}: {path.name} is not a FAISS index") from None
+        raise TilecoreError(f"{where}: {name} is not a FAISS index") from None
     if (index.ntotal, index.d) != (rows, dim):
         raise TilecoreError(
-            f"{where}: {path.name} holds {index.ntotal} rows of dimension {index.d}, the manifest says {rows} x {dim}"
+            f"{where}: {name} holds {index.ntotal} rows of dimension {index.d}, the manifest says {rows} x {dim}"
         )
     return index
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -859,3 +861,34 @@ def read_manifest(bundle: str | Path, verify: bool = True, trust: str | Path | A
             if sha256_file(file) != expected:
                 raise TilecoreError(f"{where}: {name} is corrupt or altered (sha256 mismatch)")
     return manifest
+
+
+def read_checked(bundle: str | Path, manifest: Manifest, name: str) -> bytes:
+    """The bytes of bundle file `name`, read once and returned only if they match its sha256 in `manifest`,
+    so what the caller loads is exactly what was checked (a file swapped afterwards changes nothing).
+
+    Refused in one line: a name the manifest does not list, a symbolic link (opened with O_NOFOLLOW, so
+    no link can be swapped in between a check and the open), anything but a regular file, a mismatch."""
+    bundle = Path(bundle)
+    where = f"bundle {bundle}"
+    expected = manifest.files.get(name)
+    if expected is None:
+        raise TilecoreError(f"{where}: {name!r} is not listed in the manifest's files, so it cannot be checked")
+    try:
+        fd = os.open(bundle / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise TilecoreError(f"{where}: {name} is missing") from None
+    except OSError as exc:
+        if (bundle / name).is_symlink():  # O_NOFOLLOW refused it (ELOOP)
+            raise TilecoreError(f"{where}: {name!r} is a symbolic link; a bundle holds its files itself") from None
+        raise TilecoreError(f"{where}: cannot read {name} ({exc.strerror})") from None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or a device would never end
+            raise TilecoreError(f"{where}: {name} is not a regular file")
+        try:
+            data = f.read()
+        except OSError as exc:
+            raise TilecoreError(f"{where}: cannot read {name} ({exc.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise TilecoreError(f"{where}: {name} is corrupt or altered (sha256 mismatch)")
+    return data

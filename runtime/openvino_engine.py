@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.runtime.artifacts import atomic_write_bytes, sha256_file
-from tilecore.runtime.engine import BackendMissing, EngineOptions, run_in_chunks, user_cache_dir
+from tilecore.runtime.engine import BackendMissing, BundleGraph, EngineOptions, run_in_chunks, user_cache_dir
 from tilecore.runtime.errors import TilecoreError
 
 log = logging.getLogger("tilecore")
@@ -67,14 +67,17 @@ def reports_bf16(core) -> bool:
     return "CPU" in core.available_devices and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def blob_path(cache: Path, graph: Path, precision: str, config: dict[str, str], core, ov) -> Path:
-    """The cache file of `graph` compiled with `config`: named by the graph's sha256 and the precision asked
-    for, plus a digest of everything else the compiled model depends on (settings, OpenVINO, the CPU)."""
+def blob_path(
+    cache: Path, graph: Path, precision: str, config: dict[str, str], core, ov, sha256: str | None = None
+) -> Path:
+    """The cache file of `graph` compiled with `config`: named by the graph's sha256 (`sha256`, the manifest's,
+    or hashed here) and the precision asked for, plus a digest of everything else the compiled model depends
+    on (settings, OpenVINO, the CPU)."""
     version = ov.get_version()
     settings = {"config": config, "openvino": version, "cpu": core.get_property("CPU", "FULL_DEVICE_NAME")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     short_version = re.sub(r"[^0-9.]", "", version.split("-")[0])
-    return cache / f"{sha256_file(graph)}-cpu-{precision}-ov{short_version}-{digest}.blob"
+    return cache / f"{sha256 or sha256_file(graph)}-cpu-{precision}-ov{short_version}-{digest}.blob"
 
 
 def sidecar(blob: Path) -> Path:
@@ -119,17 +122,22 @@ def store_blob(compiled, blob: Path) -> None:
         log.debug("OpenVINO cache: not written to %s (%s)", blob, exc)
 
 
-def compile_cached(core, ov, path: Path, precision: str, config: dict[str, str], cache: Path | None):
-    """`path` compiled for the CPU with `config`, from a verified cache entry when `cache` has one."""
+def compile_cached(
+    core, ov, path: Path, precision: str, config: dict[str, str], cache: Path | None, graph: BundleGraph | None = None
+):
+    """`path` compiled for the CPU with `config`, from a verified cache entry when `cache` has one; with
+    `graph`, compiled from its checked bytes (OpenVINO's ONNX frontend reads a model from io.BytesIO)."""
+    sha256 = graph.sha256 if graph is not None else None
     try:
-        blob = None if cache is None else blob_path(cache, path, precision, config, core, ov)
+        blob = None if cache is None else blob_path(cache, path, precision, config, core, ov, sha256)
     except OSError:
         blob = None  # an unreadable graph: compile_model below names it in one line
     compiled = None if blob is None else load_blob(core, blob, config)
     if compiled is not None:
         return compiled
+    source = io.BytesIO(graph.data) if graph is not None else str(path)  # a refused graph: its own one line
     try:
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        compiled = core.compile_model(core.read_model(source), "CPU", config)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
         reason = str(exc).splitlines()[0][:200]
         raise TilecoreError(f"engine {path.name}: OpenVINO cannot compile it ({reason})") from None
@@ -150,7 +158,7 @@ def cpu_has_bf16() -> bool:
 class OpenVinoEngine:
     """One ONNX graph compiled by OpenVINO for the CPU."""
 
-    def __init__(self, path: Path, options: EngineOptions) -> None:
+    def __init__(self, path: Path, options: EngineOptions, graph: BundleGraph | None = None) -> None:
         ov = import_openvino()
         core = ov.Core()
         if "CPU" not in core.available_devices:
@@ -172,7 +180,7 @@ class OpenVinoEngine:
             config["INFERENCE_NUM_THREADS"] = str(options.threads)
         if options.precision in PRECISION_HINTS:
             config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[options.precision]
-        compiled = compile_cached(core, ov, path, options.precision, config, cache)
+        compiled = compile_cached(core, ov, path, options.precision, config, cache, graph)
         self.lock = threading.Lock()  # one call at a time through the request or the queue (module docstring)
         self.request = compiled.create_infer_request()
         self.streams = options.streams

@@ -6,6 +6,8 @@ maps, merging, seam smoothing, normalisation and fusion (runtime.merge) -> thres
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,10 +15,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from tilecore.runtime.engine import Engine, EngineOptions, open_engine
+from tilecore.runtime.engine import BundleGraph, Engine, EngineOptions, open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer, read_bank_index
-from tilecore.runtime.manifest import Manifest, read_manifest
+from tilecore.runtime.manifest import Manifest, read_checked, read_manifest
 from tilecore.runtime.merge import ensemble_result, score_locations
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
 from tilecore.runtime.stage_timer import StageTimer
@@ -109,7 +111,13 @@ def recheck_margin(manifest: Manifest, precision: str, recheck: float | str | No
 
 
 class Predictor:
-    """A loaded bundle: engines, FAISS indexes, calibration and thresholds, ready to score images."""
+    """A loaded bundle: engines, FAISS indexes, calibration and thresholds, ready to score images.
+
+    Every file is read once and loaded from the bytes that passed its sha256 (manifest.read_checked), so a
+    file swapped after the check is never what runs. Files this run does not use are not read at all: the
+    int8 graphs at fp32, the TensorRT plans of other GPUs (or all of them off tensorrt-native), a graph
+    whose compiled model comes from OpenVINO's verified cache.
+    """
 
     def __init__(
         self,
@@ -133,7 +141,8 @@ class Predictor:
         `trust`: an Ed25519 public key file; the bundle must carry a valid signature by it (runtime.signing),
         checked before anything is loaded."""
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle, trust=trust)  # signature, digest, every file's sha256
+        # signature and digest now; each file's sha256 as it is read, below (read_checked)
+        self.manifest = read_manifest(self.bundle, verify=False, trust=trust)
         if threads:
             faiss.omp_set_num_threads(threads)
         m = self.manifest
@@ -147,7 +156,7 @@ class Predictor:
         graphs = m.graphs
         options = EngineOptions(device, threads, max_batch, precision, gpu_id, streams=streams)
         if engines is None:
-            engines = {name: open_engine(self.bundle / engine_file(m, name, precision), options) for name in graphs}
+            engines = {name: self.open_graph(engine_file(m, name, precision), options) for name in graphs}
         elif set(engines) != graphs:
             raise TilecoreError(f"engines for {sorted(engines)}: the bundle's members use {sorted(graphs)}")
         check_embedding_shapes(engines, m, where)
@@ -155,10 +164,12 @@ class Predictor:
         self.fp32_engines = {}  # the cascade's second stage: same device, full precision, same indexes
         if self.recheck is not None:
             fp32 = replace(options, precision="fp32")
-            self.fp32_engines = {name: open_engine(self.bundle / name, fp32) for name in graphs}
+            self.fp32_engines = {name: self.open_graph(name, fp32) for name in graphs}
             check_embedding_shapes(self.fp32_engines, m, where)
-        indexes = {  # each refused unless its rows and dimension are what the manifest records
-            r.file: read_bank_index(self.bundle / r.file, r.rows, r.dim, where) for x in m.members for r in x.indexes
+        records = {r.file: r for x in m.members for r in x.indexes}  # each file once, however many members use it
+        indexes = {  # each refused unless its sha256, then its rows and dimension, are what the manifest records
+            name: read_bank_index(read_checked(self.bundle, m, name), name, r.rows, r.dim, where)
+            for name, r in records.items()
         }
         self.members = []  # (Member, the scorer of each tile location)
         for member in m.members:
@@ -169,9 +180,19 @@ class Predictor:
             self.members.append((member, [scorers[name] for name in member.banks]))
         self.knn_device = move_indexes_to_gpu([s for _, scorers in self.members for s in scorers], device, gpu_id)
 
+    def open_graph(self, name: str, options: EngineOptions) -> Engine:
+        """The engine of bundle graph `name`, loaded from its checked bytes (or native TensorRT's checked plan)."""
+        return open_engine(self.bundle / name, options, BundleGraph(self.bundle, self.manifest, name))
+
     @property
     def providers(self) -> list[str]:
         return sorted({engine.provider for engine in self.engines.values()})
+
+    @property
+    def manifest_sha256(self) -> str:
+        """Identity of the loaded bundle: sha256 of its manifest's canonical JSON (which lists every file's)."""
+        text = json.dumps(self.manifest.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def predict_batch(self, images: list[np.ndarray], timer: StageTimer | None = None) -> list[Result]:
         """RGB uint8 images [H, W, 3] -> one Result each.

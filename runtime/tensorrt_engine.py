@@ -1,10 +1,12 @@
 """Native TensorRT backend (`--device tensorrt-native`): a serialized engine from the bundle, run on one stream.
 
 The engine for `backbone_<hash>.onnx` is the one the manifest's TensorRT records list for it (exported with
-`tilecore export --tensorrt` on the same GPU model). Before loading, its record is checked against this
-machine's TensorRT version and GPU (runtime.tensorrt_compat); a mismatch, or a missing tensorrt package,
-cuda-python or GPU, raises BackendMissing with the reason in one line, and `--device auto` moves on to
-ONNX Runtime (TensorRT EP, CUDA, then CPU).
+`tilecore export --tensorrt` on the same GPU model): with a BundleGraph (the Predictor's), from the
+manifest the Predictor checked, its plan read once and checked by manifest.read_checked; for a bare
+path, from the bundle's manifest read here (digest checked), the plan checked against it. Before
+loading, its record is checked against this machine's TensorRT version and GPU (runtime.tensorrt_compat);
+a mismatch, or a missing tensorrt package, cuda-python or GPU, raises BackendMissing with the reason in
+one line, and `--device auto` moves on to ONNX Runtime (TensorRT EP, CUDA, then CPU).
 
 Everything is allocated once for the largest batch: pinned host buffers and device buffers for the input
 and the output, one CUDA stream and one execution context. A call only sets the input shape, copies the
@@ -26,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tilecore.runtime.engine import BackendMissing, EngineOptions
+from tilecore.runtime.engine import BackendMissing, BundleGraph, EngineOptions
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
-from tilecore.runtime.manifest import read_manifest
+from tilecore.runtime.manifest import Manifest, read_checked, read_manifest
 from tilecore.runtime.tensorrt_compat import EngineRecord, choose_record, records_for
 
 log = logging.getLogger("tilecore")
@@ -44,9 +46,9 @@ def trt_logger(trt):
     return _TRT_LOGGER
 
 
-def bundle_records(onnx_path: Path) -> list[EngineRecord]:
-    """The engines the bundle holding `onnx_path` lists for it; BackendMissing when there are none."""
-    records = records_for(read_manifest(onnx_path.parent, verify=False), onnx_path.name)
+def bundle_records(onnx_path: Path, manifest: Manifest) -> list[EngineRecord]:
+    """The engines `manifest` lists for the graph `onnx_path`; BackendMissing when there are none."""
+    records = records_for(manifest, onnx_path.name)
     if not records:
         raise BackendMissing(f"{WHO}: the bundle has no TensorRT engine for {onnx_path.name} (export with --tensorrt)")
     return records
@@ -73,8 +75,10 @@ def release(cudart, host: list[int], device: list[int], stream) -> None:
 class TensorRTEngine:
     """Normalised tiles [N, 3, h, w] -> patch embeddings [N, h', w', D] float32 through a TensorRT engine."""
 
-    def __init__(self, path: Path, options: EngineOptions) -> None:
-        records = bundle_records(path)  # cheapest check first: no engine in the bundle, nothing to import
+    def __init__(self, path: Path, options: EngineOptions, graph: BundleGraph | None = None) -> None:
+        bundle = path.parent if graph is None else graph.bundle
+        manifest = read_manifest(bundle, verify=False) if graph is None else graph.manifest  # a bare graph's own
+        records = bundle_records(path, manifest)  # cheapest check first: no engine in the bundle, nothing to import
         trt = import_tensorrt(WHO)
         cudart = import_cudart(WHO)
         gpu = gpu_info(cudart, options.gpu_id, WHO)
@@ -86,7 +90,8 @@ class TensorRTEngine:
         cuda_call(cudart.cudaSetDevice(gpu.index), "cudaSetDevice")
         self.record, self.cudart, self.device_index = record, cudart, gpu.index
         self.runtime = trt.Runtime(trt_logger(trt))  # kept: the runtime must outlive its engine
-        self.engine = self.runtime.deserialize_cuda_engine((path.parent / record.engine).read_bytes())
+        plan = read_checked(bundle, manifest, record.engine)  # the bytes checked are the bytes loaded
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BackendMissing(f"{WHO}: TensorRT could not deserialize {record.engine} (see its log above)")
         self.context = self.engine.create_execution_context()

@@ -104,7 +104,7 @@ def test_record_round_trips_and_names_its_gpu() -> None:
 def test_auto_walks_the_fallback_order(monkeypatch) -> None:
     tried = []
 
-    def fake_backend(path: Path, options: EngineOptions, device: str) -> object:
+    def fake_backend(path: Path, options: EngineOptions, device: str, graph: object = None) -> object:
         tried.append(device)
         if device != "cpu":
             raise BackendMissing(f"--device {device}: absent in this test")
