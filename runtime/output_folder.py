@@ -144,6 +144,25 @@ def open_results(out: Path, resume: bool, overwrite: bool) -> tuple[ResultsFile,
     return ResultsFile(path, keep), records
 
 
+def check_same_run(out: Path, identity: dict[str, str]) -> None:
+    """Refuse to resume a run whose summary names another input spec or another bundle (its lines would be
+    mixed with this run's). Summaries without these keys (older runs) are not checked."""
+    path = out / SUMMARY
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}  # unreadable or torn: the records themselves were checked by read_results
+    if not isinstance(earlier, dict):
+        return
+    for key, now in identity.items():
+        before = earlier.get(key)
+        if before is not None and before != now:
+            raise TilecoreError(
+                f"--resume into {out}: the earlier run has {key} {before!r}, this one {now!r}; "
+                "resume with the same input and bundle, or use --overwrite"
+            )
+
+
 def write_summary(out: Path, summary: dict) -> None:
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     try:

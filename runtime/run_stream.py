@@ -38,6 +38,7 @@ import numpy as np
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import IMAGE_SUFFIXES, write_png
 from tilecore.runtime.output_folder import (
+    check_same_run,
     count_records,
     lock_out,
     open_results,
@@ -177,7 +178,7 @@ def run_stream(
     try:
         lock = lock_out(out)
         try:
-            return _run_locked(predictor, items, out, batch_size, overlays, masks, on_item, resume, overwrite)
+            return _run_locked(predictor, spec, items, out, batch_size, overlays, masks, on_item, resume, overwrite)
         finally:
             os.close(lock)  # releases the lock
     finally:
@@ -186,6 +187,7 @@ def run_stream(
 
 def _run_locked(
     predictor: Predictor,
+    spec: str,
     items: Iterator[Item],
     out: Path,
     batch_size: int,
@@ -195,6 +197,9 @@ def _run_locked(
     resume: bool,
     overwrite: bool,
 ) -> dict:
+    identity = {"input": spec, "bundle_sha256": predictor.manifest_sha256}
+    if resume:
+        check_same_run(out, identity)
     results, earlier = open_results(out, resume, overwrite)
     counts = count_records(earlier)
     done = Counter(record["input"] for record in earlier)
@@ -211,6 +216,7 @@ def _run_locked(
             "images_per_second": round(scored_now / elapsed, 3) if elapsed > 0 else None,  # this run's
             "providers": predictor.providers,
             "bundle": str(predictor.bundle),
+            **identity,
             "thresholds": predictor.thresholds.to_dict(),
         }
 

@@ -115,6 +115,7 @@ class FakePredictor:
         self.thresholds = FakeThresholds(image=0.5, pixel=0.5)
         self.providers = ["FakeProvider"]
         self.bundle = Path("fake-bundle")
+        self.manifest_sha256 = "0" * 64
         self.scores = scores or {}
         self.interrupt_on_call = interrupt_on_call
         self.calls = 0
@@ -261,6 +262,23 @@ def test_resume_of_a_camera_is_refused_before_the_camera_opens(tmp_path: Path, m
     with pytest.raises(TilecoreError, match=r"^--resume with camera 0: a camera has no earlier frames to skip"):
         run_stream(FakePredictor(), "0", tmp_path / "out", resume=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change", ["input", "bundle"])
+def test_resume_with_another_input_or_bundle_is_refused(tmp_path: Path, change: str) -> None:
+    numbered_images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    run_stream(FakePredictor(), str(tmp_path / "in"), out)
+    (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")  # cut short
+    other = FakePredictor()
+    spec = str(tmp_path / "in")
+    if change == "input":
+        spec = str(tmp_path / "in" / ".." / "in")  # the same folder, spelled otherwise: names would differ
+    else:
+        other.manifest_sha256 = "1" * 64
+    with pytest.raises(TilecoreError, match=rf"^--resume into {out}: the earlier run has .*use --overwrite$"):
+        run_stream(other, spec, out, resume=True)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1 and other.calls == 0
 
 
 def test_overwrite_starts_afresh(tmp_path: Path) -> None:
