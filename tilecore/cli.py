@@ -268,11 +268,6 @@ def bench(
     trust: Annotated[Path | None, typer.Option(help="Refuse any bundle not signed by this Ed25519 public key.")] = None,
 ) -> None:
     """Latency, throughput, stage costs, efficiency and memory of bundles, per backend and precision."""
-    if trust is not None:
-        from tilecore.runtime.signing import verify_bundle
-
-        for bundle in bundles:
-            verify_bundle(bundle, trust)  # before anything is planned or timed
     from tilecore.bench.plan import machine_description, parse_batches, parse_list, plan_jobs
     from tilecore.bench.protocol import QUICK, Protocol
     from tilecore.bench.report import write_report
@@ -283,7 +278,7 @@ def bench(
     sizes = tuple(int(x) for x in parse_batches(sweep_sizes))
     stream_counts = parse_batches(streams, "--streams")
     jobs, notes = plan_jobs(
-        bundles, devices, precisions, protocol, work, images, threads, run, 4 if quick else 16, stream_counts
+        bundles, devices, precisions, protocol, work, images, threads, run, 4 if quick else 16, stream_counts, trust
     )
     report: dict = {
         "machine": machine_description(),

@@ -325,3 +325,20 @@ def test_a_signature_file_that_breaks_the_json_parser_is_one_line(data: bytes) -
     with pytest.raises(TilecoreError, match=r"^b/manifest.sig: not a valid .* file \(not JSON\); re-export") as caught:
         Signature.from_bytes(data, "b/manifest.sig")
     assert "\n" not in str(caught.value)
+
+
+def test_bench_workers_check_the_signature_of_the_bundle_they_load(signed: dict, tmp_path: Path) -> None:
+    """bench --trust: the plan checks each bundle, and each worker, which loads it again, checks it again."""
+    from tilecore.bench.measure import load_scorer
+    from tilecore.bench.plan import plan_jobs
+    from tilecore.bench.protocol import QUICK
+
+    bundle, public = copy_bundle(signed, tmp_path), signed["keys"]["trusted"][1]
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(signed["images"][0], images / "a.png")
+    jobs, _ = plan_jobs([bundle], ["cpu"], ["fp32"], QUICK, tmp_path / "work", images, trust=public)
+    assert [job.trust for job in jobs] == [str(public)]
+    raise_threshold_and_rehash(bundle, signed["keys"])  # changed between the plan and the worker's load
+    with pytest.raises(TilecoreError, match=r"manifest\.json changed after signing"):
+        load_scorer(jobs[0])

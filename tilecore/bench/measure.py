@@ -34,6 +34,7 @@ class Job:
     run: str = ""  # run dir for "pytorch"; empty: the manifest's source_run
     memory_only: bool = False  # load, score two images, report memory (the resolution sweep)
     streams: int = 1  # OpenVINO's parallel inference streams
+    trust: str = ""  # public key file the bundle must be signed by; empty: none asked for
 
     @property
     def backend(self) -> str:
@@ -148,7 +149,13 @@ def load_scorer(job: Job):
         model = load_eager_model(Path(job.bundle), job.run, job.threads)
         return model.predict, None
     predictor = Predictor(
-        job.bundle, job.device, job.threads, job.protocol.max_batch, precision=job.precision, streams=job.streams
+        job.bundle,
+        job.device,
+        job.threads,
+        job.protocol.max_batch,
+        precision=job.precision,
+        streams=job.streams,
+        trust=job.trust or None,  # the worker loads the bundle again: it checks the signature again
     )
     return predictor.predict_batch, predictor
 

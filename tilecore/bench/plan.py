@@ -99,15 +99,17 @@ def plan_jobs(
     run: str = "",
     image_count: int = 16,
     streams: tuple[int, ...] = (1,),
+    trust: Path | None = None,
 ) -> tuple[list[Job], list[str]]:
     """(jobs in measurement order, notes on the pairs that are skipped). `streams`: OpenVINO is measured
-    at each; the other backends run one stream."""
+    at each; the other backends run one stream. `trust`: every bundle must be signed by this public key,
+    here and again in each worker that loads it."""
     for device in devices:
         if device not in BACKENDS:
             raise TilecoreError(f"--device {device!r}: expected one of {', '.join(BACKENDS)}")
     jobs, notes = [], []
     for bundle in bundles:
-        manifest = read_manifest(bundle)  # a bad bundle is refused before anything is timed
+        manifest = read_manifest(bundle, trust=trust)  # a bad bundle is refused before anything is timed
         images = input_images(images_dir, manifest, work, image_count)
         for device in devices:
             for precision in precisions:
@@ -116,5 +118,5 @@ def plan_jobs(
                     continue
                 for count in streams if device == "openvino" else (1,):
                     job = Job(str(bundle), device, precision, images, protocol, threads, bundle.name, run)
-                    jobs.append(replace(job, streams=count))
+                    jobs.append(replace(job, streams=count, trust=str(trust or "")))
     return jobs, notes
