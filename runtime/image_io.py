@@ -65,16 +65,29 @@ def read_rgb(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     name = display_path(path)
     if raw.dtype != np.uint8:
         raise TilecoreError(f"image {name}: {raw.dtype} pixels, expected 8-bit (uint8)")
-    if raw.ndim == 2:
-        return np.ascontiguousarray(np.repeat(raw[:, :, None], 3, axis=2))  # [H, W] -> [H, W, 3]
-    channels = raw.shape[2]
+    return to_rgb(raw, f"image {name}")
+
+
+def to_rgb(pixels: np.ndarray, what: str) -> np.ndarray:
+    """OpenCV's grey, BGR or BGRA uint8 pixels -> RGB [H, W, 3]; other channel counts are refused, naming
+    `what` (an image file, a video frame)."""
+    if pixels.ndim == 2:
+        return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))  # [H, W] -> [H, W, 3]
+    channels = pixels.shape[2]
     if channels == 1:
-        return np.ascontiguousarray(np.repeat(raw, 3, axis=2))  # [H, W, 1] -> [H, W, 3]
+        return np.ascontiguousarray(np.repeat(pixels, 3, axis=2))  # [H, W, 1] -> [H, W, 3]
     if channels == 3:
-        return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     if channels == 4:
-        return cv2.cvtColor(raw, cv2.COLOR_BGRA2RGB)  # [H, W, 4] -> [H, W, 3]
-    raise TilecoreError(f"image {name}: {channels} channels, expected 1, 3 or 4")
+        return cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB)  # [H, W, 4] -> [H, W, 3]
+    raise TilecoreError(f"{what}: {channels} channels, expected 1, 3 or 4")
+
+
+def over_pixel_limit(pixels: int, limit: int, verb: str = "is") -> str | None:
+    """Why `pixels` is too many ("is 400.0 megapixels, over the limit of ..."), or None within `limit`."""
+    if pixels <= limit:
+        return None
+    return f"{verb} {_megapixels(pixels)}, over the limit of {_megapixels(limit)} (raise it with {MAX_PIXELS_ENV})"
 
 
 def read_mask(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
@@ -141,12 +154,8 @@ def _decode(path: str | Path, what: str, max_pixels: int | None) -> np.ndarray:
         header = read_header(data)
     except TilecoreError as error:
         raise TilecoreError(f"{what} {name}: cannot decode, unreadable header: {error}") from None
-    pixels = header.width * header.height
-    if pixels > limit:
-        raise TilecoreError(
-            f"{what} {name}: {header.width}x{header.height} {header.format} is {_megapixels(pixels)}, over the "
-            f"limit of {_megapixels(limit)} (raise it with {MAX_PIXELS_ENV})"
-        )
+    if too_many := over_pixel_limit(header.width * header.height, limit):
+        raise TilecoreError(f"{what} {name}: {header.width}x{header.height} {header.format} {too_many}")
     if header.problem:
         raise TilecoreError(f"{what} {name}: {header.format} {header.problem}")
     try:

@@ -51,7 +51,14 @@ import cv2
 import numpy as np
 
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.image_io import IMAGE_SUFFIXES, MAX_PIXELS_ENV, display_path, pixel_limit, read_rgb
+from tilecore.runtime.image_io import (
+    IMAGE_SUFFIXES,
+    display_path,
+    over_pixel_limit,
+    pixel_limit,
+    read_rgb,
+    to_rgb,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -158,14 +165,6 @@ def _read_list(list_file: Path) -> list[Path]:
     return paths
 
 
-def _to_rgb(frame: np.ndarray) -> np.ndarray:
-    if frame.ndim == 2:
-        return np.ascontiguousarray(np.repeat(frame[:, :, None], 3, axis=2))  # [H, W] -> [H, W, 3]
-    if frame.shape[2] == 4:
-        return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB)  # [H, W, 4] -> [H, W, 3]
-    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-
-
 def _failed(message: str) -> Loader:
     def load() -> np.ndarray:
         raise TilecoreError(message)
@@ -184,13 +183,9 @@ def _read_frame(capture: cv2.VideoCapture) -> np.ndarray | None:
 def _check_frame_size(capture: cv2.VideoCapture, what: str) -> None:
     width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    limit = pixel_limit()
-    if width * height > limit:
+    if too_many := over_pixel_limit(width * height, pixel_limit(), verb="are"):
         capture.release()
-        raise TilecoreError(
-            f"{what}: {width}x{height} frames are {width * height / 1e6:.1f} megapixels, over the limit of "
-            f"{limit / 1e6:.1f} megapixels (raise it with {MAX_PIXELS_ENV})"
-        )
+        raise TilecoreError(f"{what}: {width}x{height} frames {too_many}")
 
 
 def _video_frames(path: Path) -> Iterator[tuple[str, Loader]]:
@@ -257,7 +252,7 @@ def _frames(
                 frame = _read_frame(capture)
             if frame is not None:
                 failures = 0
-                yield f"{prefix}#{index}", lambda frame=frame: _to_rgb(frame)
+                yield f"{prefix}#{index}", lambda frame=frame, name=f"{prefix}#{index}": to_rgb(frame, f"frame {name}")
             elif count is None:
                 yield f"{prefix}#{index}", _failed(f"{what}: frame {index} cannot be read (camera disconnected?)")
                 return
