@@ -174,11 +174,13 @@ def run_stream(
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
     if resume and is_camera(spec):  # frame names restart at #0 each run: resuming would drop live frames
         raise TilecoreError(f"--resume with camera {spec}: a camera has no earlier frames to skip; use --overwrite")
-    items = stream(spec)  # raises TilecoreError now when the spec names nothing, before --out is touched
+    done: Counter[str] = Counter()  # the earlier run's inputs (--resume), filled before the first item is read
+    items = stream(spec, skip=done)  # raises TilecoreError now when the spec names nothing, before --out is touched
     try:
         lock = lock_out(out)
         try:
-            return _run_locked(predictor, spec, items, out, batch_size, overlays, masks, on_item, resume, overwrite)
+            args = (batch_size, overlays, masks, on_item, resume, overwrite)
+            return _run_locked(predictor, spec, items, done, out, *args)
         finally:
             os.close(lock)  # releases the lock
     finally:
@@ -189,6 +191,7 @@ def _run_locked(
     predictor: Predictor,
     spec: str,
     items: Iterator[Item],
+    done: Counter[str],
     out: Path,
     batch_size: int,
     overlays: bool,
@@ -202,7 +205,7 @@ def _run_locked(
         check_same_run(out, identity)
     results, earlier = open_results(out, resume, overwrite)
     counts = count_records(earlier)
-    done = Counter(record["input"] for record in earlier)
+    done.update(record["input"] for record in earlier)  # the stream never reads these (a name k times: k)
     started = time.perf_counter()
     scored_now = 0
 
@@ -220,17 +223,10 @@ def _run_locked(
             "thresholds": predictor.thresholds.to_dict(),
         }
 
-    def pending() -> Iterator[Item]:
-        for item in items:
-            if done[item.name] > 0:  # recorded by the earlier run
-                done[item.name] -= 1
-                continue
-            yield item
-
     try:
         write_summary(out, summary(False))  # replaces a stale summary before any new line
         last_summary = time.monotonic()
-        for batch in batches(pending(), batch_size):
+        for batch in batches(items, batch_size):
             for record in _batch_records(predictor, out, batch, overlays, masks):
                 try:
                     line = record_line(record)

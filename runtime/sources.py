@@ -42,6 +42,7 @@ import os
 import queue
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -324,11 +325,15 @@ def _produce(
     q: queue.Queue,
     stop: threading.Event,
     pool: ThreadPoolExecutor | None,
+    skip: Counter[str],
 ) -> None:
     try:
         for name, loader in sources:
             if stop.is_set():
                 return
+            if skip[name] > 0:  # already scored (a resumed run): never read
+                skip[name] -= 1
+                continue
             entry: Item | Future = pool.submit(_load, name, loader) if pool else _load(name, loader)
             if not _put(q, entry, stop):
                 return
@@ -341,26 +346,29 @@ def _produce(
             close()  # releases a video or camera capture
 
 
-def stream(spec: str, queue_size: int = 8, workers: int = 1) -> Iterator[Item]:
+def stream(spec: str, queue_size: int = 8, workers: int = 1, skip: Counter[str] | None = None) -> Iterator[Item]:
     """Yield an `Item` per input of `spec`, in input order, decoded ahead in a background thread.
 
     At most `queue_size` decoded items wait in the queue (plus one in the producer's hand), so memory is
     bounded however long the stream. `workers` > 1 decodes that many images in parallel, order kept.
     Raises TilecoreError at call time when `spec` names nothing (see `iter_sources`). Breaking out of
     the loop, or calling `close()` on the returned iterator, stops the background thread promptly.
+    `skip`: names left out, each as often as it counts, without reading them (a resumed run); it is read
+    from the first item on, so the caller may fill it until then.
     """
     if queue_size < 1:
         raise ValueError(f"queue_size must be >= 1, got {queue_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    return _stream(iter_sources(spec), queue_size, workers)
+    return _stream(iter_sources(spec), queue_size, workers, Counter() if skip is None else skip)
 
 
-def _stream(sources: Iterator[tuple[str, Loader]], queue_size: int, workers: int) -> Iterator[Item]:
+def _stream(sources: Iterator[tuple[str, Loader]], queue_size: int, workers: int, skip: Counter[str]) -> Iterator[Item]:
     q: queue.Queue = queue.Queue(maxsize=queue_size)
     stop = threading.Event()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tilecore-decode") if workers > 1 else None
-    producer = threading.Thread(target=_produce, args=(sources, q, stop, pool), name="tilecore-sources", daemon=True)
+    args = (sources, q, stop, pool, skip)
+    producer = threading.Thread(target=_produce, args=args, name="tilecore-sources", daemon=True)
     producer.start()
     try:
         while True:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.tiny import tiny_run
 from tilecore.runtime import run_stream as run_stream_module
+from tilecore.runtime import sources as sources_module
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import write_png
 from tilecore.runtime.predictor import Result
@@ -219,8 +220,18 @@ def test_resume_scores_only_what_is_missing_and_drops_a_torn_line(tmp_path: Path
     lines = (reference / "results.jsonl").read_bytes().splitlines(keepends=True)
     (out / "results.jsonl").write_bytes(b"".join(lines[:3]) + lines[3][:20])  # killed inside the 4th record
     predictor = FakePredictor()
-    summary = run_stream(predictor, str(tmp_path / "in"), out, batch_size=2, resume=True)
+    decoded = []
+    real_read_rgb = sources_module.read_rgb
+
+    def counting_read_rgb(path: Path, *args: object) -> np.ndarray:
+        decoded.append(Path(path).name)
+        return real_read_rgb(path, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources_module, "read_rgb", counting_read_rgb)
+        summary = run_stream(predictor, str(tmp_path / "in"), out, batch_size=2, resume=True)
     assert predictor.seen == [4, 5, 6]
+    assert decoded == [Path(r["input"]).name for r in strict_lines(reference / "results.jsonl")[3:]]  # 3 never read
     drop_timings = [
         {k: v for k, v in r.items() if k != "timings_ms"} for r in strict_lines(reference / "results.jsonl")
     ]
