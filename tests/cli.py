@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def toml_text(sections: dict[str, dict]) -> str:
+    """TOML for flat tables (a list of tables becomes [[section]]s); JSON spells the values the TOML way."""
+    lines = []
+    for section, values in sections.items():
+        for table in values if isinstance(values, list) else [values]:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
+    return "\n".join(lines) + "\n"
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ import sys
 import threading
 import types
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -337,3 +338,16 @@ def install(
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
     return trt, cudart
+
+
+def tensorrt_bundle(root: Path, name: str = "bundle", gpus: tuple = (("NVIDIA Fake A10", 8, 6),)) -> Path:
+    """The tiny run under `root`, exported to `root/name` with an fp32 TensorRT plan built by the fake
+    TensorRT (max batch 4) on `gpus`."""
+    from tilecore.export.bundle import export_run
+    from tilecore.export.tensorrt_build import TensorRTBuild
+
+    run = tiny_run(root)
+    with pytest.MonkeyPatch.context() as patch:
+        install(patch, gpus=list(gpus))
+        export_run(run, root / name, tensorrt=TensorRTBuild(max_batch=4))
+    return root / name

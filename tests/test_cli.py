@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.cli import assert_one_line_refusal, describe, run_cli
+from tests.cli import assert_one_line_refusal, describe, run_cli, toml_text
 from tilecore.train.synth import build_synth_dataset
 
 CATEGORIES = ("brick", "grass")
@@ -57,16 +57,6 @@ PRETRAINED = {
 
 def with_model(**overrides: object) -> dict:
     return {**FAST, "members": [{**FAST["members"][0], **overrides}]}
-
-
-def toml_text(sections: dict[str, dict]) -> str:
-    """TOML for flat tables (a list of tables becomes [[section]]s); JSON spells the values the TOML way."""
-    lines = []
-    for section, values in sections.items():
-        for table in values if isinstance(values, list) else [values]:
-            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
-            lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
-    return "\n".join(lines) + "\n"
 
 
 def write_config(path: Path, sections: dict[str, dict]) -> Path:

@@ -17,8 +17,6 @@ import onnx
 import pytest
 
 from tests import gpu_fakes
-from tilecore.export.bundle import export_run
-from tilecore.export.tensorrt_build import TensorRTBuild
 from tilecore.runtime import predictor as predictor_module
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
@@ -30,12 +28,7 @@ A10 = ("NVIDIA Fake A10", 8, 6)
 @pytest.fixture(scope="module")
 def trt_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run exported with an fp32 TensorRT plan (built by the fake TensorRT on A10)."""
-    root = tmp_path_factory.mktemp("checked_load")
-    run = gpu_fakes.tiny_run(root)
-    with pytest.MonkeyPatch.context() as patch:
-        gpu_fakes.install(patch, gpus=[A10])
-        export_run(run, root / "trt", tensorrt=TensorRTBuild(max_batch=4))
-    return root / "trt"
+    return gpu_fakes.tensorrt_bundle(tmp_path_factory.mktemp("checked_load"), "trt", gpus=(A10,))
 
 
 def copy_of(bundle: Path, tmp_path: Path) -> Path:

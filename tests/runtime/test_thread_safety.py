@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from tests import gpu_fakes
-from tilecore.export.bundle import export_run
-from tilecore.export.tensorrt_build import TensorRTBuild
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.predictor import Predictor, Result
 
@@ -24,12 +22,7 @@ A10, ORIN = ("NVIDIA Fake A10", 8, 6), ("NVIDIA Fake Orin", 8, 7)
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run exported once with a (fake-built) TensorRT engine beside its ONNX graph: one bundle for all."""
-    root = tmp_path_factory.mktemp("threads")
-    run = gpu_fakes.tiny_run(root)
-    with pytest.MonkeyPatch.context() as patch:
-        gpu_fakes.install(patch, gpus=[A10])
-        export_run(run, root / "bundle", tensorrt=TensorRTBuild(max_batch=4))
-    return root / "bundle"
+    return gpu_fakes.tensorrt_bundle(tmp_path_factory.mktemp("threads"), gpus=(A10,))
 
 
 @pytest.fixture(scope="module")

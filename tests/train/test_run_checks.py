@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import assert_one_line_refusal, describe, run_cli
+from tests.cli import assert_one_line_refusal, describe, run_cli, toml_text
 from tests.tiny import tiny_run
 from tilecore.runtime.calibration import NormalStats
 from tilecore.runtime.errors import TilecoreError
@@ -257,15 +257,6 @@ def test_replacing_an_unfinished_run_keeps_the_users_files_in_members(tmp_path: 
 # the CLI: exit 2, one line, no traceback
 
 
-def toml(raw: dict) -> str:
-    lines = []
-    for section, values in raw.items():
-        for table in values if isinstance(values, list) else [values]:
-            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
-            lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
-    return "\n".join(lines) + "\n"
-
-
 CLI_CASES = {
     "layers": (
         {"members": [{**MEMBER, "layers": [1, 2]}]},
@@ -288,7 +279,7 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.C
     for case, (raw, _) in CLI_CASES.items():
         raw = {"data": {"image_size": 64, "val_fraction": 0.25}, **raw}
         raw["data"] = {"image_size": 64, "val_fraction": 0.25, **raw["data"]}
-        (work / f"{case}.toml").write_text(toml(raw))
+        (work / f"{case}.toml").write_text(toml_text(raw))
         data = "dups" if case == "duplicates" else "data"
         extra = ["--weights", "missing.safetensors"] if case == "weights" else []
         jobs[case] = ["train", f"{case}.toml", "--data", data, "--out", f"runs/{case}", *extra]
