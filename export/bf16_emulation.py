@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tilecore.runtime.engine import EngineOptions, OrtEngine
+from tilecore.runtime.engines.base import EngineOptions
+from tilecore.runtime.engines.onnx_runtime import OrtEngine
 
 EMULATED = "emulated"  # the backend name the exporter records for an emulated bf16 check
 

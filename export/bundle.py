@@ -7,8 +7,9 @@ interrupted export never leaves a folder that loads.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -16,17 +17,20 @@ import numpy as np
 import torch
 
 import tilecore
+from tilecore.export.identity import bundle_identity
 from tilecore.export.indexes import INDEX_KINDS, build_index, recall_at_1
 from tilecore.export.onnx_graph import OPSET, export_embedder, weights_hash
 from tilecore.export.reduced_precision import DEFAULT_FLOOR, add_reduced_precisions, check_precisions
 from tilecore.export.staging import remove_stale_staging, stage_bundle
-from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack, engine_for_run
+from tilecore.export.tensorrt_build import BuildStack, TensorRTBuild, check_build_stack, engine_for_run
 from tilecore.runtime.artifacts import sha256_file
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import build_flat_index
 from tilecore.runtime.manifest import (
     NOT_IN_FILES,
     Calibration,
+    EngineRecord,
+    Identity,
     IndexRecord,
     Manifest,
     Member,
@@ -36,12 +40,16 @@ from tilecore.runtime.manifest import (
     write_manifest,
 )
 from tilecore.runtime.merge import MemberCalibration
+from tilecore.runtime.preprocess import Preprocess
 from tilecore.runtime.signing import load_private_key, sign_bundle
+from tilecore.runtime.tiling import TileGrid
 from tilecore.train.config import Config
 from tilecore.train.ensemble import CALIBRATION_FILE, bank_groups, bank_path, load_bank
 from tilecore.train.model import Embedder, grid_for, load_embedder
 from tilecore.train.run_dir import load_run_config, read_metadata, run_categories
 from tilecore.train.run_images import VALIDATION, kept_images
+
+log = logging.getLogger("tilecore")
 
 
 def validation_queries(
@@ -92,25 +100,33 @@ def manifest_thresholds(raw: dict) -> Thresholds:
     return Thresholds(raw["image"], raw["pixel"], raw["image_rule"], raw["pixel_rule"])
 
 
-def export_run(
-    run_dir: Path,
-    out: Path,
-    category: str | None = None,
-    index_kind: str = "flat",
-    tensorrt: TensorRTBuild | None = None,
-    precisions: tuple[str, ...] = (),
-    precision_floor: float = DEFAULT_FLOOR,
-    int8_max_error: float | None = None,
-    sign_key: Path | None = None,
-) -> Manifest:
-    """Export one category of `run_dir` to the bundle folder `out`; returns the manifest.
+@dataclass(frozen=True)
+class RunToExport:
+    """What export reads of one category of a trained run before writing anything."""
 
-    `precisions` (int8, bf16) adds reduced-precision engines for CPUs, each checked against fp32 on the
-    validation split (export.reduced_precision); `int8_max_error` trades int8 speed for accuracy.
+    run_dir: Path
+    category: str
+    config: Config
+    calibration: dict  # calibration.json
+    metadata: dict  # the run's metadata.json
+    grid: TileGrid
+    model_input: tuple[int, int]
+    stacked: bool
 
-    With `tensorrt`, each ONNX graph also gets a TensorRT engine built on this GPU (export.tensorrt_build).
-    With `sign_key` (an Ed25519 private key), the bundle is signed (runtime.signing) before it appears.
-    """
+
+class StageLog:
+    """Logs `export: <stage> (i/n)` as each stage starts, so a long export says where it is."""
+
+    def __init__(self, stages: list[str]) -> None:
+        self.stages = stages
+
+    def start(self, stage: str, detail: str = "") -> None:
+        i = self.stages.index(stage) + 1
+        log.info("export: %s%s (%d/%d)", stage, f", {detail}" if detail else "", i, len(self.stages))
+
+
+def read_run(run_dir: Path, category: str | None) -> RunToExport:
+    """The run's config, calibration and metadata for `category` (the only one, when None)."""
     config = load_run_config(run_dir)
     categories = run_categories(run_dir, config)
     if category is None:
@@ -122,6 +138,123 @@ def export_run(
     calibration_path = run_dir / category / CALIBRATION_FILE
     if not calibration_path.is_file():
         raise TilecoreError(f"run {run_dir}: {category} is not trained and calibrated; run `tilecore train` first")
+    grid, model_input, stacked = grid_for(config)
+    calibration = json.loads(calibration_path.read_text())
+    return RunToExport(run_dir, category, config, calibration, read_metadata(run_dir), grid, model_input, stacked)
+
+
+def write_member(source: RunToExport, i: int, staging: Path, index_kind: str, graphs: dict[str, Preprocess]) -> Member:
+    """Member i's ONNX graph (once per distinct backbone, recorded in `graphs`) and FAISS indexes."""
+    member = source.config.members[i]
+    embedder = load_embedder(source.config, source.run_dir, i)
+    engine = f"backbone_{weights_hash(embedder.net, source.model_input)}.onnx"
+    if engine not in graphs:  # identical backbones (same weights, same input) are exported once
+        export_embedder(embedder.net, source.model_input, staging / engine)
+        graphs[engine] = embedder.preprocess
+    banks, indexes = export_member_banks(
+        source.run_dir, source.category, source.config, i, embedder, staging, index_kind
+    )
+    with torch.inference_mode():
+        probe = embedder.net(torch.zeros(1, 3, *source.model_input))  # [1, h, w, D]
+    return Member(
+        backbone=member.backbone,
+        layers=tuple(member.layers),
+        weights_source=source.metadata.get("weights_sources", {}).get(str(i), "unknown"),
+        preprocess=embedder.preprocess,
+        engine=engine,
+        feature_grid=tuple(int(n) for n in probe.shape[1:3]),
+        embedding_dim=int(probe.shape[3]),  # write_manifest refuses banks of another dimension
+        scoring=member.scoring,
+        num_neighbours=member.num_neighbours,
+        banks=tuple(banks),
+        index_kind=index_kind,
+        indexes=tuple(indexes),
+    )
+
+
+def write_tensorrt_plans(
+    source: RunToExport, staging: Path, graphs: dict[str, Preprocess], build: TensorRTBuild, stack: BuildStack
+) -> list[EngineRecord]:
+    """A TensorRT plan built on this GPU for each ONNX graph (export.tensorrt_build), with its record."""
+    args = (source.run_dir, source.category)
+    return [
+        engine_for_run(staging / graph, build, stack, *args, preprocess, source.grid, source.model_input)
+        for graph, preprocess in graphs.items()
+    ]
+
+
+def build_manifest(
+    source: RunToExport, staging: Path, members: list[Member], trt_records: list[EngineRecord], identity: Identity
+) -> Manifest:
+    """The bundle's manifest over what is staged so far: the one place its fields are filled in."""
+    grid, calibration = source.grid, source.calibration
+    return Manifest(
+        tilecore_version=tilecore.__version__,
+        category=source.category,
+        source_run=str(source.run_dir.resolve()),  # informational: where `tilecore bench` finds the PyTorch model
+        created_with={**source.metadata.get("versions", {}), "onnx_opset": OPSET, "faiss": faiss.__version__},
+        image_size=(grid.image_h, grid.image_w),
+        tiling=Tiling.of(grid, source.model_input, source.stacked),
+        members=tuple(members),
+        postprocess=Postprocess(source.config.merge_rule()),
+        calibration=Calibration(
+            tuple(MemberCalibration.from_dict(c) for c in calibration["members"]), calibration["validation_images"]
+        ),
+        thresholds=manifest_thresholds(calibration["thresholds"]),
+        files=file_checksums(staging),
+        tensorrt=tuple(trt_records),  # engines tied to a GPU + TensorRT version
+        identity=identity,  # name, version, created, fingerprints (export.identity)
+    )
+
+
+def write_reduced_precisions(
+    source: RunToExport,
+    staging: Path,
+    manifest: Manifest,
+    precisions: tuple[str, ...],
+    precision_floor: float,
+    int8_max_error: float | None,
+) -> Manifest:
+    """Reduced-precision CPU graphs checked against fp32 (export.reduced_precision); the manifest with them."""
+
+    def write(m: Manifest) -> None:  # the staged bundle, as the runtime checking a precision reads it
+        write_manifest(staging, replace(m, files=file_checksums(staging)))
+
+    args = (source.run_dir, source.category, source.grid, list(precisions), write, precision_floor, int8_max_error)
+    block = add_reduced_precisions(staging, manifest, *args)
+    manifest = replace(manifest, reduced_precision=block, files=file_checksums(staging))  # + int8 graphs
+    write_manifest(staging, manifest)
+    return manifest
+
+
+def export_run(
+    run_dir: Path,
+    out: Path,
+    category: str | None = None,
+    index_kind: str = "flat",
+    tensorrt: TensorRTBuild | None = None,
+    precisions: tuple[str, ...] = (),
+    precision_floor: float = DEFAULT_FLOOR,
+    int8_max_error: float | None = None,
+    sign_key: Path | None = None,
+    name: str | None = None,
+    version: str | None = None,
+) -> Manifest:
+    """Export one category of `run_dir` to the bundle folder `out`; returns the manifest.
+
+    `precisions` (int8, bf16) adds reduced-precision engines for CPUs, each checked against fp32 on the
+    validation split (export.reduced_precision); `int8_max_error` trades int8 speed for accuracy.
+
+    With `tensorrt`, each ONNX graph also gets a TensorRT engine built on this GPU (export.tensorrt_build).
+    With `sign_key` (an Ed25519 private key), the bundle is signed (runtime.signing) before it appears.
+    """
+    stages = ["read run", "graphs and indexes"]
+    stages += ["tensorrt plans"] * (tensorrt is not None) + ["manifest"]
+    stages += ["reduced precisions"] * bool(precisions) + ["sign"] * (sign_key is not None) + ["commit"]
+    progress = StageLog(stages)
+    progress.start("read run")
+    source = read_run(run_dir, category)
+    identity = bundle_identity(source.run_dir, source.category, name, version)  # `name` defaults to the category
     if index_kind not in INDEX_KINDS:
         raise TilecoreError(f"--index {index_kind!r}: expected one of {', '.join(INDEX_KINDS)}")
     if out.exists():
@@ -129,73 +262,30 @@ def export_run(
     check_precisions(precisions, int8_max_error)
     trt_stack = check_build_stack(tensorrt) if tensorrt is not None else None  # fail fast, before the long work
     signer = load_private_key(sign_key) if sign_key is not None else None  # a bad key file fails fast too
-    trt_records = []
-    calibration = json.loads(calibration_path.read_text())
-    metadata = read_metadata(run_dir)
-    grid, model_input, stacked = grid_for(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)  # what killed exports of `out` left; never a running export's
     stage = stage_bundle(out)
     staging = stage.folder
     try:
-        members, engines = [], {}
-        for i, member in enumerate(config.members):
-            embedder = load_embedder(config, run_dir, i)
-            engine = f"backbone_{weights_hash(embedder.net, model_input)}.onnx"
-            if engine not in engines:  # identical backbones (same weights, same input) are exported once
-                export_embedder(embedder.net, model_input, staging / engine)
-                engines[engine] = i
-                if trt_stack is not None:
-                    args = (run_dir, category, embedder.preprocess, grid, model_input)
-                    trt_records.append(engine_for_run(staging / engine, tensorrt, trt_stack, *args))
-            banks, indexes = export_member_banks(run_dir, category, config, i, embedder, staging, index_kind)
-            with torch.inference_mode():
-                probe = embedder.net(torch.zeros(1, 3, *model_input))  # [1, h, w, D]
-            members.append(
-                Member(
-                    backbone=member.backbone,
-                    layers=tuple(member.layers),
-                    weights_source=metadata.get("weights_sources", {}).get(str(i), "unknown"),
-                    preprocess=embedder.preprocess,
-                    engine=engine,
-                    feature_grid=tuple(int(n) for n in probe.shape[1:3]),
-                    embedding_dim=int(probe.shape[3]),  # write_manifest refuses banks of another dimension
-                    scoring=member.scoring,
-                    num_neighbours=member.num_neighbours,
-                    banks=tuple(banks),
-                    index_kind=index_kind,
-                    indexes=tuple(indexes),
-                )
-            )
-        manifest = Manifest(
-            tilecore_version=tilecore.__version__,
-            category=category,
-            source_run=str(run_dir.resolve()),  # informational: where `tilecore bench` finds the PyTorch model
-            created_with={**metadata.get("versions", {}), "onnx_opset": OPSET, "faiss": faiss.__version__},
-            image_size=(config.data.image_size, config.data.image_size),
-            tiling=Tiling.of(grid, model_input, stacked),
-            members=tuple(members),
-            postprocess=Postprocess(config.merge_rule()),
-            calibration=Calibration(
-                tuple(MemberCalibration.from_dict(c) for c in calibration["members"]), calibration["validation_images"]
-            ),
-            thresholds=manifest_thresholds(calibration["thresholds"]),
-            files=file_checksums(staging),
-            tensorrt=tuple(trt_records),  # engines tied to a GPU + TensorRT version
-        )
+        graphs: dict[str, Preprocess] = {}  # ONNX graph file -> its preprocessing (for TensorRT's calibration)
+        members = []
+        for i in range(len(source.config.members)):
+            progress.start("graphs and indexes", f"member {i + 1} of {len(source.config.members)}")
+            members.append(write_member(source, i, staging, index_kind, graphs))
+        trt_records = []
+        if tensorrt is not None:
+            progress.start("tensorrt plans")
+            trt_records = write_tensorrt_plans(source, staging, graphs, tensorrt, trt_stack)
+        progress.start("manifest")
+        manifest = build_manifest(source, staging, members, trt_records, identity)
         write_manifest(staging, manifest)
         if precisions:
-
-            def write(m: Manifest) -> None:  # the staged bundle, as the runtime checking a precision reads it
-                write_manifest(staging, replace(m, files=file_checksums(staging)))
-
-            block = add_reduced_precisions(
-                staging, manifest, run_dir, category, grid, list(precisions), write, precision_floor, int8_max_error
-            )
-            manifest = replace(manifest, reduced_precision=block, files=file_checksums(staging))  # + int8 graphs
-            write_manifest(staging, manifest)
+            progress.start("reduced precisions")
+            manifest = write_reduced_precisions(source, staging, manifest, precisions, precision_floor, int8_max_error)
         if signer is not None:
+            progress.start("sign")
             sign_bundle(staging, signer)  # last: the signature covers the final manifest.json
+        progress.start("commit")
         staging.rename(out)  # the bundle appears complete, or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

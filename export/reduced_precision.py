@@ -26,18 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.export.bf16_emulation import EMULATED, emulated_bf16_engine
-from tilecore.runtime.engine import Engine, EngineOptions
+from tilecore.runtime.engines.base import Engine, EngineOptions
+from tilecore.runtime.engines.openvino import OpenVinoEngine, cpu_has_bf16
+from tilecore.runtime.engines.table import EXPORT_CPU_PRECISIONS
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.manifest import Int8Graph, Manifest, PrecisionCheck, ReducedPrecision, read_manifest
-from tilecore.runtime.openvino_engine import OpenVinoEngine, cpu_has_bf16
 from tilecore.runtime.predictor import Predictor
 from tilecore.runtime.tiling import TileGrid
 from tilecore.train.run_images import VALIDATION, kept_images
 
 log = logging.getLogger("tilecore")
 
-REDUCED_PRECISIONS = ("int8", "bf16")
+REDUCED_PRECISIONS = EXPORT_CPU_PRECISIONS  # engines.table: the CPU graphs export can add
 CALIBRATION_TILES = 128
 VALIDATION_TILES = 64  # tiles of validation images the embedding error (and --int8-max-error) is measured on
 DEFAULT_FLOOR = 0.99

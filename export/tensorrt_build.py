@@ -34,11 +34,11 @@ from types import ModuleType
 import numpy as np
 
 from tilecore.export.quantize import calibration_set, relative_error, training_images, write_qdq_graph
+from tilecore.runtime.engines.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
+from tilecore.runtime.engines.tensorrt_plans import EngineRecord, GpuInfo, Profile, engine_file_name, profile_shapes
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
 from tilecore.runtime.manifest import QdqCalibration
 from tilecore.runtime.preprocess import Preprocess
-from tilecore.runtime.tensorrt_compat import EngineRecord, GpuInfo, Profile, engine_file_name, profile_shapes
 from tilecore.runtime.tiling import TileGrid
 
 WHO = "--tensorrt"
@@ -46,7 +46,7 @@ WHO = "--tensorrt"
 
 @dataclass(frozen=True)
 class TensorRTBuild:
-    """What `tilecore export --tensorrt [--fp16] [--int8] [--workspace-gb N] [--max-batch N]` asks for."""
+    """What `tilecore export --tensorrt [--precision fp16,int8] [--workspace-gb N] [--max-batch N]` asks for."""
 
     fp16: bool = False
     int8: bool = False
@@ -90,7 +90,7 @@ def check_build_stack(build: TensorRTBuild) -> BuildStack:
             import onnx  # noqa: F401
             from onnxruntime.quantization import quantize_static  # noqa: F401
         except ImportError as exc:
-            raise TilecoreError(f"--int8: the quantizer needs {exc.name} (install the export extra)") from None
+            raise TilecoreError(f"--precision int8: the quantizer needs {exc.name} (the export extra)") from None
     cuda_call(cudart.cudaSetDevice(gpu.index), "cudaSetDevice")  # the builder times kernels on this GPU
     return BuildStack(trt, gpu)
 
@@ -144,7 +144,7 @@ def build_engine(onnx_path: Path, build: TensorRTBuild, stack: BuildStack, tiles
         source = onnx_path
         if build.int8:
             if tiles is None or not len(tiles):
-                raise TilecoreError("--int8: no calibration tiles")
+                raise TilecoreError("--tensorrt --precision int8: no calibration tiles")
             source = Path(tmp) / onnx_path.name
             write_qdq_graph(onnx_path, source, tiles, build.max_batch)
             probe = tiles[: build.max_batch]

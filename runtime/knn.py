@@ -18,6 +18,12 @@ RULE_REWEIGHTED = "reweighted"  # PatchCore eq. 7: that max, scaled by 1 - softm
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # exact; approximate (export.indexes)
 
 
+def set_knn_threads(threads: int) -> None:
+    """CPU threads FAISS's searches use (OpenMP, process-wide); 0 leaves the library's default."""
+    if threads:
+        faiss.omp_set_num_threads(threads)
+
+
 def build_flat_index(bank: np.ndarray) -> faiss.IndexFlatL2:
     """Exact L2 index over a memory bank [n, D]."""
     if bank.ndim != 2 or bank.shape[0] == 0:

@@ -2,7 +2,7 @@
 
 faiss-cpu 1.15's wheel carries OpenBLAS 0.3.15. On an Intel CPU model it does not know, that OpenBLAS falls
 back to its Prescott (SSE3) kernels, and FAISS's exact search, a matrix product, runs several times slower
-than the CPU allows (an Emerald Rapids Xeon here: README, "kNN and OpenBLAS's kernels"). OpenBLAS reads
+than the CPU allows (docs/results: "kNN and OpenBLAS's kernels"). OpenBLAS reads
 OPENBLAS_CORETYPE once, when it loads, so `tilecore/__init__.py` calls choose_openblas_kernels before
 anything imports faiss. It names the kernels the CPU can run: SkylakeX with AVX-512, Haswell with AVX2
 and FMA. A value the user set is kept, and CPUs of other vendors are left to OpenBLAS's own choice.

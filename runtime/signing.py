@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from tilecore.runtime.artifacts import atomic_write_bytes
+from tilecore.runtime.bundle_files import MANIFEST_FILE, SIGNATURE_FILE
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.manifest import MANIFEST_FILE, SIGNATURE_FILE
 
 SIGNATURE_FORMAT = "tilecore-bundle-signature"
 SIGNATURE_VERSION = 1
@@ -217,21 +217,6 @@ def sign_bundle(folder: str | Path, private_key: str | Path | SigningKey) -> Sig
     except OSError as exc:
         raise TilecoreError(f"bundle {folder}: cannot write {SIGNATURE_FILE} ({exc.strerror})") from None
     return signature
-
-
-def verify_bundle(folder: str | Path, public_key: str | Path | TrustedKey, check_files: bool = True) -> Signature:
-    """Refuse, in one line, a bundle that is unsigned, signed by another key, or changed after signing.
-
-    The signature covers manifest.json; with `check_files` (read_manifest) every file it lists is also
-    checked against its sha256.
-    """
-    folder = Path(folder)
-    if check_files:
-        from tilecore.runtime.manifest import read_manifest
-
-        read_manifest(folder, trust=public_key)  # verifies the signature over the very bytes it parses
-        return read_signature(folder)
-    return verify_manifest_bytes(folder, read_manifest_bytes(folder), public_key)
 
 
 def read_signature(folder: Path) -> Signature:

@@ -18,7 +18,8 @@ from tilecore.export.bf16_emulation import (
     round_to_bf16,
 )
 from tilecore.export.bundle import export_run
-from tilecore.runtime.engine import BackendMissing, Engine, EngineOptions, open_engine
+from tilecore.runtime.engines.base import BackendMissing, Engine, EngineOptions
+from tilecore.runtime.engines.opener import open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.predictor import Predictor
 
@@ -120,7 +121,7 @@ def test_export_records_an_emulated_bf16_check_without_bf16_from_openvino(
 def openvino_bf16(graph: Path, cache: Path) -> Engine:
     """OpenVINO's bf16 engine of `graph`: native where the CPU has bf16 instructions, else its simulation."""
     pytest.importorskip("openvino", reason="the openvino extra is part of the dev install")
-    from tilecore.runtime.openvino_engine import cpu_has_bf16
+    from tilecore.runtime.engines.openvino import cpu_has_bf16
 
     options = EngineOptions("openvino", precision="bf16", cache_dir=cache, simulated_bf16=not cpu_has_bf16())
     try:

@@ -1,6 +1,7 @@
 """Export -> bundle -> runtime: parity with the PyTorch model, checked files, atomic export."""
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -125,6 +126,19 @@ def test_tampered_or_truncated_files_are_refused(runs: dict, tmp_path: Path, vic
     target.unlink()
     with pytest.raises(TilecoreError, match=f"{target.name} is missing"):
         read_manifest(bundle)
+
+
+def test_export_logs_each_stage_as_it_starts(runs: dict, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="tilecore"):
+        export_run(runs["two_members"], tmp_path / "b")
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export: ")]
+    assert stages == [
+        "export: read run (1/4)",
+        "export: graphs and indexes, member 1 of 2 (2/4)",
+        "export: graphs and indexes, member 2 of 2 (2/4)",
+        "export: manifest (3/4)",
+        "export: commit (4/4)",
+    ]
 
 
 def test_interrupted_export_leaves_nothing_that_loads(runs: dict, tmp_path: Path, monkeypatch) -> None:

@@ -20,11 +20,11 @@ from tilecore.export import bundle as bundle_module
 from tilecore.export.bundle import export_run
 from tilecore.export.quantize import calibration_tiles, relative_error, training_images, write_qdq_graph
 from tilecore.export.tensorrt_build import TensorRTBuild, build_engine, check_build_stack
+from tilecore.runtime.engines.tensorrt_plans import profile_shapes
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.manifest import read_manifest
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
-from tilecore.runtime.tensorrt_compat import profile_shapes
 from tilecore.train.model import Embedder
 
 
@@ -185,8 +185,9 @@ def test_export_writes_checked_engines_and_records(run: Path, tmp_path: Path, mo
 def test_cli_export_tensorrt_fails_fast_with_one_line(run: Path, tmp_path: Path) -> None:
     block = "import sys; sys.modules['tensorrt'] = None\nfrom tilecore.cli import main\nmain()\n"
     for args, expected in (
-        (["--tensorrt", "--int8"], "error: --tensorrt: the tensorrt Python package is not installed"),
-        (["--fp16", "--workspace-gb", "4"], "error: --fp16, --workspace-gb: options of the TensorRT engine build"),
+        (["--tensorrt", "--precision", "int8"], "error: --tensorrt: the tensorrt Python package is not installed"),
+        (["--precision", "fp16"], "error: --precision fp16: a TensorRT plan precision; add --tensorrt"),
+        (["--workspace-gb", "4", "--gpu-id", "1"], "error: --workspace-gb, --gpu-id: options of the TensorRT"),
     ):
         command = [sys.executable, "-c", block, "export", str(run), "--out", str(tmp_path / "b"), *args]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=120)

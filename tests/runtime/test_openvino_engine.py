@@ -12,7 +12,8 @@ import pytest
 
 from tests.tiny import tiny_run
 from tilecore.export.bundle import export_run
-from tilecore.runtime.engine import BackendMissing, EngineOptions, open_engine
+from tilecore.runtime.engines.base import BackendMissing, EngineOptions
+from tilecore.runtime.engines.opener import open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.predictor import Predictor
@@ -47,7 +48,7 @@ def test_fp32_embeddings_equal_onnx_runtime(bundle: Path, tmp_path: Path) -> Non
 def test_bf16_runs_in_bf16_and_returns_float32(bundle: Path, tmp_path: Path) -> None:
     """Where the CPU lacks bf16 instructions, --precision bf16 is refused (OpenVINO would simulate it, slower
     than fp32), and the simulation the exporter measures with runs instead."""
-    from tilecore.runtime.openvino_engine import cpu_has_bf16
+    from tilecore.runtime.engines.openvino import cpu_has_bf16
 
     options = EngineOptions("openvino", precision="bf16", cache_dir=tmp_path)
     if not cpu_has_bf16():

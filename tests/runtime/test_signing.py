@@ -20,7 +20,7 @@ from tilecore.export.bundle import export_run
 from tilecore.runtime import manifest as manifest_module
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.manifest import MANIFEST_FILE, SIGNATURE_FILE, read_manifest
+from tilecore.runtime.manifest import MANIFEST_FILE, SIGNATURE_FILE, read_manifest, verify_bundle
 from tilecore.runtime.predictor import Predictor
 from tilecore.runtime.signing import (
     PRIVATE_KEY_FILE,
@@ -29,7 +29,6 @@ from tilecore.runtime.signing import (
     load_private_key,
     load_public_key,
     sign_bundle,
-    verify_bundle,
 )
 
 

@@ -22,15 +22,15 @@ import pytest
 from tests import gpu_fakes
 from tilecore.export.bundle import export_run
 from tilecore.export.tensorrt_build import TensorRTBuild
-from tilecore.runtime import engine as engine_module
-from tilecore.runtime import predictor as predictor_module
-from tilecore.runtime.engine import AUTO_ORDER, BackendMissing, EngineOptions, choose_providers, open_engine
-from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.knn import BankScorer
-from tilecore.runtime.manifest import QdqCalibration, read_manifest, write_manifest
-from tilecore.runtime.predictor import Predictor, move_indexes_to_gpu
-from tilecore.runtime.tensorrt_compat import (
+from tilecore.runtime import knn_gpu as knn_gpu_module
+from tilecore.runtime.engines import onnx_runtime as ort_module
+from tilecore.runtime.engines import opener as opener_module
+from tilecore.runtime.engines.base import BackendMissing, EngineOptions
+from tilecore.runtime.engines.onnx_runtime import choose_providers
+from tilecore.runtime.engines.opener import open_engine
+from tilecore.runtime.engines.table import AUTO_ORDER
+from tilecore.runtime.engines.tensorrt import TensorRTEngine
+from tilecore.runtime.engines.tensorrt_plans import (
     EngineRecord,
     GpuInfo,
     Profile,
@@ -38,7 +38,12 @@ from tilecore.runtime.tensorrt_compat import (
     choose_record,
     engine_file_name,
 )
-from tilecore.runtime.tensorrt_engine import TensorRTEngine
+from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.image_io import read_rgb
+from tilecore.runtime.knn import BankScorer
+from tilecore.runtime.knn_gpu import place_on_device
+from tilecore.runtime.manifest import QdqCalibration, read_manifest, write_manifest
+from tilecore.runtime.predictor import Predictor
 
 A10 = ("NVIDIA Fake A10", 8, 6)
 ORIN = ("NVIDIA Fake Orin", 8, 7)
@@ -110,7 +115,7 @@ def test_auto_walks_the_fallback_order(monkeypatch) -> None:
             raise BackendMissing(f"--device {device}: absent in this test")
         return types.SimpleNamespace(provider="CPUExecutionProvider", max_batch=options.max_batch)
 
-    monkeypatch.setattr(engine_module, "open_backend", fake_backend)
+    monkeypatch.setattr(opener_module, "open_backend", fake_backend)
     assert open_engine(Path("backbone_x.onnx"), EngineOptions("auto")).provider == "CPUExecutionProvider"
     assert tried == list(AUTO_ORDER) and AUTO_ORDER[:3] == ("tensorrt-native", "tensorrt", "cuda")
     with pytest.raises(BackendMissing, match="^--device tensorrt-native: absent in this test$"):
@@ -243,11 +248,11 @@ def test_tensorrt_ep_caches_plans_per_graph_outside_the_bundle(bundles: dict, tm
 
     available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     fake_ort = types.SimpleNamespace(
-        SessionOptions=engine_module.ort.SessionOptions,
+        SessionOptions=ort_module.ort.SessionOptions,
         InferenceSession=Session,
         get_available_providers=lambda: available,
     )
-    monkeypatch.setattr(engine_module, "ort", fake_ort)
+    monkeypatch.setattr(ort_module, "ort", fake_ort)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     graph = onnx_of(bundles["plain"])
     open_engine(graph, EngineOptions("tensorrt"))
@@ -294,14 +299,14 @@ def test_faiss_indexes_share_one_bounded_gpu_resource(monkeypatch) -> None:
         return GpuIndex(res, index)
 
     fake = types.SimpleNamespace(StandardGpuResources=Resources, get_num_gpus=lambda: 2, index_cpu_to_gpu=to_gpu)
-    monkeypatch.setattr(predictor_module, "faiss", fake)
+    monkeypatch.setattr(knn_gpu_module, "faiss", fake)
     banks = [BankScorer.from_bank(np.eye(4, dtype=np.float32) * (i + 1)) for i in range(3)]
     hnsw = BankScorer.from_bank(np.eye(4, dtype=np.float32))
     cpu_index = hnsw.index
     scorers = [banks[0], banks[1], banks[2], banks[0], hnsw]  # a stacked bank serves two locations
     queries = np.random.default_rng(0).normal(size=(12, 1, 2, 2, 4)).astype(np.float32)  # [call][B, h, w, D]
     single = [[bank.score(q)[1] for q in queries] for bank in banks]
-    assert move_indexes_to_gpu(scorers, "auto", gpu_id=1) == "cuda:1"
+    assert place_on_device(scorers, "auto", gpu_id=1) == "cuda:1"
     assert len(resources) == 1 and 0 < resources[0].temp <= 512 * 2**20
     assert len(moved) == 3 and {device for _, device, _ in moved} == {1}
     assert scorers[0].index is scorers[3].index and scorers[0].index.index.cpu is moved[0][2]
@@ -315,13 +320,13 @@ def test_faiss_indexes_share_one_bounded_gpu_resource(monkeypatch) -> None:
         threaded = list(pool.map(work, [b for b in banks for _ in range(4)]))
     for i, bank_scores in enumerate(threaded):
         np.testing.assert_array_equal(np.array(bank_scores), np.array(single[i // 4]))
-    assert move_indexes_to_gpu(scorers, "cpu", gpu_id=0) == "cpu"
-    assert move_indexes_to_gpu(scorers, "auto", gpu_id=2) == "cpu"  # no such GPU: stays on the CPU
+    assert place_on_device(scorers, "cpu", gpu_id=0) == "cpu"
+    assert place_on_device(scorers, "auto", gpu_id=2) == "cpu"  # no such GPU: stays on the CPU
 
 
 def real_gpu_missing() -> str | None:
     """Why the real-GPU tests cannot run here (None when tensorrt, cuda-python and a GPU are all present)."""
-    from tilecore.runtime.gpu_stack import gpu_info, import_cudart, import_tensorrt
+    from tilecore.runtime.engines.gpu_stack import gpu_info, import_cudart, import_tensorrt
 
     try:
         import_tensorrt("gpu tests")

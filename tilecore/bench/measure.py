@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.bench.protocol import Protocol, cycle_batches, images_per_second, latency_summary, repeat
+from tilecore.runtime.engines.table import BENCH_PRECISIONS
 from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.predictor import Predictor
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
 from tilecore.runtime.stage_timer import StageTimer, stage_group
 
-BACKENDS = ("cpu", "cuda", "tensorrt", "tensorrt-native", "openvino", "pytorch")
+BACKENDS = tuple(BENCH_PRECISIONS)  # the runtime's backends (engines.table) and "pytorch"
 
 
 @dataclass

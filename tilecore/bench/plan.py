@@ -10,18 +10,12 @@ import numpy as np
 
 from tilecore.bench.measure import BACKENDS, Job
 from tilecore.bench.protocol import Protocol
+from tilecore.runtime.engines.table import BENCH_PRECISIONS
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.manifest import Manifest, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-PRECISIONS_BY_BACKEND = {  # what each backend can compute in; other pairs are not measured
-    "pytorch": ("fp32",),
-    "cpu": ("fp32", "int8"),
-    "openvino": ("fp32", "bf16", "int8", "auto"),
-    "cuda": ("fp32", "int8"),
-    "tensorrt": ("fp32",),
-    "tensorrt-native": ("fp32",),
-}
+PRECISIONS_BY_BACKEND = BENCH_PRECISIONS  # what each backend can compute in; other pairs are not measured
 
 
 def machine_description() -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tilecore.runtime.engine import BackendMissing
-from tilecore.runtime.tensorrt_compat import GpuInfo
+from tilecore.runtime.engines.base import BackendMissing
+from tilecore.runtime.engines.tensorrt_plans import GpuInfo
 
 TENSORRT_INSTALL = "pip install 'tilecore[tensorrt]' with NVIDIA's package index as an extra index"
 CUDA_INSTALL = "pip install 'tilecore[tensorrt]' (cuda-python)"

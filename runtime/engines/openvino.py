@@ -23,7 +23,7 @@ AsyncInferQueue: on CPUs where one stream cannot keep every core busy, throughpu
 Thread safety: an infer request (and the AsyncInferQueue) is one call's at a time: it refuses a second
 start while busy and reuses its output buffer, so a call could read another call's embeddings. One lock
 per engine serialises run(); threads sharing a Predictor still overlap everything but the engine call.
-A pool of requests (one per thread) showed no steady gain over the lock on 2 cores: one stream runs its
+A pool of requests (one per thread) brings no steady gain over the lock: one stream runs its
 requests one at a time, and with `streams` > 1 a single call already fills every stream.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.runtime.artifacts import atomic_write_bytes, sha256_file
-from tilecore.runtime.engine import BackendMissing, BundleGraph, EngineOptions, run_in_chunks, user_cache_dir
+from tilecore.runtime.engines.base import BackendMissing, BundleGraph, EngineOptions, run_in_chunks, user_cache_dir
 from tilecore.runtime.errors import TilecoreError
 
 log = logging.getLogger("tilecore")

@@ -4,7 +4,7 @@ The engine for `backbone_<hash>.onnx` is the one the manifest's TensorRT records
 `tilecore export --tensorrt` on the same GPU model): with a BundleGraph (the Predictor's), from the
 manifest the Predictor checked, its plan read once and checked by manifest.read_checked; for a bare
 path, from the bundle's manifest read here (digest checked), the plan checked against it. Before
-loading, its record is checked against this machine's TensorRT version and GPU (runtime.tensorrt_compat);
+loading, its record is checked against this machine's TensorRT version and GPU (runtime.engines.tensorrt_plans);
 a mismatch, or a missing tensorrt package, cuda-python or GPU, raises BackendMissing with the reason in
 one line, and `--device auto` moves on to ONNX Runtime (TensorRT EP, CUDA, then CPU).
 
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tilecore.runtime.engine import BackendMissing, BundleGraph, EngineOptions
+from tilecore.runtime.engines.base import BackendMissing, BundleGraph, EngineOptions
+from tilecore.runtime.engines.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
+from tilecore.runtime.engines.tensorrt_plans import EngineRecord, choose_record, records_for
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
 from tilecore.runtime.manifest import Manifest, read_checked, read_manifest
-from tilecore.runtime.tensorrt_compat import EngineRecord, choose_record, records_for
 
 log = logging.getLogger("tilecore")
 WHO = "--device tensorrt-native"

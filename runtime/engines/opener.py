@@ -1,0 +1,50 @@
+"""open_engine(path, options, graph): the engine for a graph on options.device.
+
+`auto` walks table.AUTO_ORDER and takes the first backend that is present, saying which one runs.
+ONNX Runtime's backends are imported here; OpenVINO and native TensorRT only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tilecore.runtime.engines.base import BackendMissing, BundleGraph, Engine, EngineOptions
+from tilecore.runtime.engines.onnx_runtime import OrtEngine
+from tilecore.runtime.engines.table import AUTO_ORDER
+from tilecore.runtime.errors import TilecoreError
+
+log = logging.getLogger("tilecore")
+
+
+def open_backend(path: Path, options: EngineOptions, device: str, graph: BundleGraph | None = None) -> Engine:
+    """The engine for one concrete device name (never `auto`)."""
+    if options.streams > 1 and device != "openvino":
+        raise BackendMissing(f"--streams {options.streams}: parallel streams are OpenVINO's; use --device openvino")
+    if device == "openvino":
+        from tilecore.runtime.engines.openvino import OpenVinoEngine
+
+        return OpenVinoEngine(path, options, graph)
+    if device == "tensorrt-native":
+        from tilecore.runtime.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(path, options, graph)
+    return OrtEngine(path, options, device, graph)
+
+
+def open_engine(path: Path, options: EngineOptions, graph: BundleGraph | None = None) -> Engine:
+    """The engine for the ONNX graph at `path` on options.device; `auto` takes the first backend present.
+    `graph`: the same graph from a checked bundle, loaded from its checked bytes (module docstring)."""
+    if options.device != "auto":
+        return open_backend(path, options, options.device, graph)
+    reasons = []
+    for device in AUTO_ORDER:
+        try:
+            engine = open_backend(path, options, device, graph)
+        except BackendMissing as missing:
+            log.debug("auto: %s", missing)
+            reasons.append(str(missing))
+            continue
+        log.info("engine %s runs on %s", path.name, engine.provider)
+        return engine
+    raise TilecoreError(f"engine {path.name}: no backend could load it ({reasons[-1]})")  # cpu, then, was refused
