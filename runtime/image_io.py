@@ -22,6 +22,14 @@ What no check before decoding can see: damage inside compressed data that keeps 
 JPEG has no checksum, so flipped bits in its entropy-coded data (or data cut short with an end marker
 appended) decode as wrong pixels with only a libjpeg warning; PNG's CRCs catch such damage.
 
+**Bit depth** (`to_uint8`). Every stage works on 8-bit pixels; 16-bit containers (PNG, TIFF) holding
+8 to 16 significant bits are mapped by one rule, the same in training and the runtime: with `bits`
+significant bits, v -> floor(v * 255 / (2^bits - 1) + 1/2) (round half up, exact integer arithmetic),
+clipped to 255 (values above 2^bits - 1). `bit_depth` is a run's `data.bit_depth`, recorded in its
+bundles' preprocessing record: "auto" takes the container's depth (8 for uint8 files, unchanged; 16 for
+uint16 files), 8 refuses 16-bit files, 10/12/14/16 expect 16-bit files and refuse 8-bit ones. Grey
+images are replicated to three channels after the mapping.
+
 Names in messages are `display_path(path)`: the path's bytes decoded as UTF-8 with invalid bytes written
 as `\\xNN` (backslashreplace), so a message is always printable and JSON-writable.
 """
@@ -53,24 +61,43 @@ _FILE_SLACK_BYTES = 64 << 20  # metadata, thumbnails, trailing data
 # Public reading functions
 
 
-def read_rgb(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-    """Read an 8-bit image as RGB [H, W, 3] uint8.
+BIT_DEPTHS = ("auto", 8, 10, 12, 14, 16)
+
+
+def read_rgb(path: str | Path, max_pixels: int | None = None, bit_depth: str | int = "auto") -> np.ndarray:
+    """Read an image as RGB [H, W, 3] uint8, 16-bit pixels mapped by `bit_depth` (see `to_uint8`).
 
     Grayscale is replicated to three channels and an alpha channel is dropped (both common in
     inspection data, e.g. MVTec's grid, screw and zipper). Refuses with TilecoreError naming the file:
     missing, empty, not a regular file, unreadable, an unknown format or unreadable header, more than
-    `max_pixels` pixels (see `pixel_limit`), truncated or corrupt, undecodable, 16-bit.
+    `max_pixels` pixels (see `pixel_limit`), truncated or corrupt, undecodable, a depth `bit_depth` refuses.
     """
     raw = _decode(path, "image", max_pixels)
-    name = display_path(path)
-    if raw.dtype != np.uint8:
-        raise TilecoreError(f"image {name}: {raw.dtype} pixels, expected 8-bit (uint8)")
-    return to_rgb(raw, f"image {name}")
+    return to_rgb(raw, f"image {display_path(path)}", bit_depth)
 
 
-def to_rgb(pixels: np.ndarray, what: str) -> np.ndarray:
-    """OpenCV's grey, BGR or BGRA uint8 pixels -> RGB [H, W, 3]; other channel counts are refused, naming
-    `what` (an image file, a video frame)."""
+def to_uint8(pixels: np.ndarray, what: str, bit_depth: str | int = "auto") -> np.ndarray:
+    """uint8 or uint16 pixels (any shape) -> uint8 by the bit-depth rule of the module doc."""
+    if bit_depth not in BIT_DEPTHS or isinstance(bit_depth, bool):
+        raise TilecoreError(f"bit_depth {bit_depth!r}: expected one of {list(BIT_DEPTHS)}")
+    if pixels.dtype == np.uint8:
+        if bit_depth not in ("auto", 8):
+            raise TilecoreError(f"{what}: 8-bit pixels, but bit_depth {bit_depth} expects a 16-bit image")
+        return pixels
+    if pixels.dtype != np.uint16:
+        raise TilecoreError(f"{what}: {pixels.dtype} pixels, expected 8-bit or 16-bit")
+    if bit_depth == 8:
+        raise TilecoreError(f"{what}: 16-bit pixels, but bit_depth 8 expects 8-bit (train with data.bit_depth set)")
+    top = (1 << (16 if bit_depth == "auto" else int(bit_depth))) - 1  # the largest significant value
+    wide = pixels.astype(np.uint32)
+    mapped = (wide * 510 + top) // (2 * top)  # floor(v * 255 / top + 1/2), exact
+    return np.minimum(mapped, 255).astype(np.uint8)
+
+
+def to_rgb(pixels: np.ndarray, what: str, bit_depth: str | int = "auto") -> np.ndarray:
+    """OpenCV's grey, BGR or BGRA pixels (uint8, or uint16 mapped by `to_uint8`) -> RGB uint8 [H, W, 3];
+    other channel counts are refused, naming `what` (an image file, a video frame)."""
+    pixels = to_uint8(pixels, what, bit_depth)
     if pixels.ndim == 2:
         return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))  # [H, W] -> [H, W, 3]
     channels = pixels.shape[2]

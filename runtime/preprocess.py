@@ -24,6 +24,7 @@ class Preprocess:
     width: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    bit_depth: str | int = 8  # how image files become uint8 first (runtime.image_io.to_uint8); 8: 8-bit files only
 
     def to_dict(self) -> dict:
         return {**asdict(self), "resize": RESIZE_RULE, "channel_order": "RGB", "layout": "NCHW"}
@@ -59,7 +60,7 @@ def normalise_rgb(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     std = np.asarray(spec.std, dtype=np.float32)
     scale, offset = 1.0 / (255.0 * std), -np.asarray(spec.mean, dtype=np.float32) / std
     out = np.empty((3, *resized.shape[:2]), dtype=np.float32)  # [3, H, W], written channel by channel
-    for c in range(3):  # (x / 255 - mean) / std as one multiply-add, 15x faster than the array expression
+    for c in range(3):  # (x / 255 - mean) / std as one multiply-add: one pass, no temporaries
         np.multiply(resized[:, :, c], scale[c], out=out[c], dtype=np.float32)
         out[c] += offset[c]
     return out

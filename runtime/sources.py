@@ -9,9 +9,10 @@ with `error` set when it cannot be read, and the stream goes on.
 
 Which kind INPUT is, checked in this order:
 
-* an existing folder: every entry whose name has an image suffix (`IMAGE_SUFFIXES`, any case), sorted by
-  name, not recursive; entries that are not readable image files (broken links, folders named `x.png`,
-  pipes, unreadable or corrupt files) are error Items, not dropped;
+* an existing folder: every entry whose name has an image suffix (`IMAGE_SUFFIXES`, any case), in its
+  subfolders too (recursive; symbolic links to folders are not followed), sorted by path; entries that
+  are not readable image files (broken links, folders named `x.png`, pipes, unreadable or corrupt files)
+  are error Items, not dropped;
 * an existing file: a video (`VIDEO_SUFFIXES`), a list file (`LIST_SUFFIXES`: one path per line, blank
   lines and lines starting with `#` ignored, relative paths resolved against the list file's folder; a
   missing entry is an error Item) or a single image (`IMAGE_SUFFIXES`); any other suffix is refused;
@@ -90,8 +91,11 @@ def is_camera(spec: str) -> bool:
     return re.fullmatch(r"[0-9]+", spec) is not None and not Path(os.path.expanduser(spec)).exists()
 
 
-def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
+def iter_sources(spec: str, bit_depth: str | int = 8) -> Iterator[tuple[str, Loader]]:
     """Resolve INPUT into `(name, loader)` pairs, yielded lazily; each loader returns RGB uint8 [H, W, 3].
+
+    `bit_depth`: how image files' pixels become 8-bit (runtime.image_io.to_uint8; a bundle's preprocessing
+    record names it); the default 8 refuses 16-bit files. Video and camera frames are 8-bit.
 
     Raises TilecoreError at call time (not at the first `next`) when the spec matches nothing, a folder or
     glob holds no image names, a list file lists nothing, a file has an unsupported suffix, or a video or
@@ -104,18 +108,18 @@ def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
     shown = display_path(spec)
     path = Path(text)
     if path.is_dir():
-        images = _image_entries(sorted(path.iterdir()))
+        images = _folder_images(path)
         if not images:
             raise TilecoreError(f"input {shown}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        return _image_loaders(images)
+        return _image_loaders(images, bit_depth)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in VIDEO_SUFFIXES:
             return _video_frames(path)
         if suffix in LIST_SUFFIXES:
-            return _image_loaders(_read_list(path))
+            return _image_loaders(_read_list(path), bit_depth)
         if suffix in IMAGE_SUFFIXES:
-            return _image_loaders([path])
+            return _image_loaders([path], bit_depth)
         raise TilecoreError(
             f"input {shown}: unsupported file type '{display_path(path.suffix)}' (expected an image, a video "
             f"{'/'.join(VIDEO_SUFFIXES)} or a list file {'/'.join(LIST_SUFFIXES)})"
@@ -126,7 +130,7 @@ def iter_sources(spec: str) -> Iterator[tuple[str, Loader]]:
         matches = sorted(glob.glob(text, recursive=True))
         images = _image_entries([Path(m) for m in matches])
         if images:
-            return _image_loaders(images)
+            return _image_loaders(images, bit_depth)
         if matches:
             raise TilecoreError(f"input {shown}: glob matches {len(matches)} paths but no images")
     raise TilecoreError(f"input {shown}: no such file, folder or glob match")
@@ -136,14 +140,30 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    """Every entry under `folder` with an image suffix, recursively, sorted by path; a folder with an image
+    suffix is an entry (an error Item), other folders are descended into unless they are symbolic links."""
+    found: list[Path] = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return found  # an unreadable subfolder lists nothing; the top folder was listed by is_dir above
+    for entry in entries:
+        if _is_image(entry):
+            found.append(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            found.extend(_folder_images(entry))
+    return found
+
+
 def _image_entries(paths: list[Path]) -> list[Path]:
     """Every path with an image suffix, whatever it is: a non-file becomes an error Item when loaded."""
     return [p for p in paths if _is_image(p)]
 
 
-def _image_loaders(paths: list[Path]) -> Iterator[tuple[str, Loader]]:
+def _image_loaders(paths: list[Path], bit_depth: str | int) -> Iterator[tuple[str, Loader]]:
     for path in paths:
-        yield display_path(path), lambda path=path: read_rgb(path)
+        yield display_path(path), lambda path=path: read_rgb(path, None, bit_depth)  # (path, max_pixels, bit_depth)
 
 
 def _read_list(list_file: Path) -> list[Path]:
@@ -346,7 +366,9 @@ def _produce(
             close()  # releases a video or camera capture
 
 
-def stream(spec: str, queue_size: int = 8, workers: int = 1, skip: Counter[str] | None = None) -> Iterator[Item]:
+def stream(
+    spec: str, queue_size: int = 8, workers: int = 1, skip: Counter[str] | None = None, bit_depth: str | int = 8
+) -> Iterator[Item]:
     """Yield an `Item` per input of `spec`, in input order, decoded ahead in a background thread.
 
     At most `queue_size` decoded items wait in the queue (plus one in the producer's hand), so memory is
@@ -354,13 +376,13 @@ def stream(spec: str, queue_size: int = 8, workers: int = 1, skip: Counter[str] 
     Raises TilecoreError at call time when `spec` names nothing (see `iter_sources`). Breaking out of
     the loop, or calling `close()` on the returned iterator, stops the background thread promptly.
     `skip`: names left out, each as often as it counts, without reading them (a resumed run); it is read
-    from the first item on, so the caller may fill it until then.
+    from the first item on, so the caller may fill it until then. `bit_depth`: as for `iter_sources`.
     """
     if queue_size < 1:
         raise ValueError(f"queue_size must be >= 1, got {queue_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    return _stream(iter_sources(spec), queue_size, workers, Counter() if skip is None else skip)
+    return _stream(iter_sources(spec, bit_depth), queue_size, workers, Counter() if skip is None else skip)
 
 
 def _stream(sources: Iterator[tuple[str, Loader]], queue_size: int, workers: int, skip: Counter[str]) -> Iterator[Item]:

@@ -55,7 +55,8 @@ def size_bin_auroc(run_dir: Path, image_area: int) -> dict[str, float | None]:
     normal = [r["score"] for r in rows if r["label"] == 0]
     result = {}
     for low, high, name in SIZE_BINS:
-        defects = [r["score"] for r in rows if r["label"] == 1 and low <= r["defect_pixels"] / image_area < high]
+        sized = [r for r in rows if r["label"] == 1 and r["defect_pixels"] is not None]  # masks known
+        defects = [r["score"] for r in sized if low <= r["defect_pixels"] / image_area < high]
         labels = [0] * len(normal) + [1] * len(defects)
         result[name] = float(roc_auc_score(labels, normal + defects)) if defects else None
     return result

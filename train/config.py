@@ -18,7 +18,8 @@ from tilecore.runtime.knn import RULE_NEAREST, RULE_REWEIGHTED
 from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, MergeRule
 
 # The paper's setups (Rolih et al., Table 1 at 512 px), relative to the image size S so that they scale
-# to 1024 and 2048: (tile, stride, backbone input size, stacked) as fractions of S.
+# to 1024 and 2048: (tile, stride, backbone input size, stacked) as fractions of S. For a non-square
+# image_size [h, w], S is the shorter side: tiles stay square and the grid grows along the longer side.
 PRESETS = {
     "SM256": (1.0, 1.0, 0.5, False),  # single model on the image downscaled by 2
     "SM512": (1.0, 1.0, 1.0, False),  # single model at full resolution
@@ -29,7 +30,8 @@ PRESETS = {
 }
 
 CHOICES = {
-    ("data", "format"): ("mvtec", "visa"),
+    ("data", "format"): ("auto", "mvtec", "mvtec_ad2", "visa", "visa_folders", "plain"),
+    ("data", "bit_depth"): ("auto", 8, 10, 12, 14, 16),
     ("members", "scoring"): (RULE_NEAREST, RULE_REWEIGHTED),
     ("tiling", "preset"): ("", *PRESETS),
     ("tiling", "image_score"): IMAGE_SCORE_RULES,
@@ -42,11 +44,13 @@ CHOICES = {
 @dataclass
 class DataConfig:
     root: str = "data/synth256"
-    format: str = "mvtec"
+    format: str = "auto"  # auto: detected from the folder (docs/datasets.md)
     categories: list[str] = field(default_factory=list)  # empty: every category under root
-    image_size: int = 256  # images are resized to image_size x image_size; maps and metrics live here
+    image_size: int | list[int] = 256  # S (square) or [h, w]: images are resized to it; maps and metrics live here
     val_fraction: float = 0.1  # normal training images held out for calibration
+    test_fraction: float = 0.2  # good images held out for testing, in layouts with no test split of their own
     split_seed: int = 0
+    bit_depth: str | int = "auto"  # significant bits of the pixels (runtime.image_io.to_uint8); auto: the container's
 
 
 @dataclass
@@ -82,7 +86,7 @@ class TilingConfig:
 @dataclass
 class FusionConfig:
     rule: str = "mean"  # how members' normalised scores and maps combine
-    threshold: str = "auto"  # auto: F1 on anomalous validation images if any, else a quantile of normals
+    threshold: str = "auto"  # auto: F1 on anomalous validation images, else on synthetic defects painted into them
     quantile: float = 0.99
     pixel_quantile: float = 0.999
 
@@ -136,6 +140,24 @@ def element_type(cls: type, key: str) -> type | None:
     return get_args(hint)[0] if get_origin(hint) is list else None
 
 
+# Keys whose value may be of more than one type: (section, key) -> what is expected, checked by `check_mixed`.
+MIXED = {
+    ("data", "image_size"): "integer >= 32 or [height, width]",
+    ("data", "bit_depth"): '"auto" or one of 8, 10, 12, 14, 16',
+}
+
+
+def check_mixed(where: str, key: tuple[str, str], value: Any) -> Any:
+    if key == ("data", "image_size"):
+        if isinstance(value, list) and len(value) == 2 and all(matches(int, v) for v in value):
+            return list(value)
+        if matches(int, value):
+            return value
+    elif value in CHOICES[key] and type(value) in (str, int):
+        return value
+    raise TilecoreError(f"{where}: got {type_name(value)} {value!r}, expected {MIXED[key]}")
+
+
 def check_value(where: str, default: Any, value: Any, element: type | None = None) -> Any:
     """Check `value` against the type of the field's default, and each element of a list against `element`;
     returns it (ints widen to floats)."""
@@ -162,6 +184,9 @@ def build_table(cls: type, values: Any, section: str, origin: str) -> Any:
         if key not in allowed:
             raise TilecoreError(f"{origin}: unknown key {section}.{key}; allowed: {', '.join(allowed)}")
         where = f"{origin}: {section}.{key}"
+        if (section, key) in MIXED:
+            kwargs[key] = check_mixed(where, (section, key), value)
+            continue
         kwargs[key] = check_value(where, getattr(defaults, key), value, element_type(cls, key))
         choices = CHOICES.get((section, key))
         if choices and value not in choices:
@@ -194,14 +219,21 @@ def pair(values: list[int], key: str, origin: str) -> tuple[int, int]:
     raise TilecoreError(f"{origin}: tiling.{key} = {values!r}; expected [size] or [height, width] in pixels")
 
 
+def image_hw(config: Config) -> tuple[int, int]:
+    """The working image size (height, width) from data.image_size (an integer S means S x S)."""
+    size = config.data.image_size
+    return (size[0], size[1]) if isinstance(size, list) else (size, size)
+
+
 def tiling_geometry(config: Config) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], bool]:
     """(tile, stride, backbone input, stacked) in pixels, from the preset or the explicit fields."""
-    s = config.data.image_size
+    hw = image_hw(config)
+    s = min(hw)  # presets scale with the shorter side, so their tiles stay square
     t = config.tiling
     if t.preset:
         tile, stride, model_input, stacked = PRESETS[t.preset]
         return (round(tile * s),) * 2, (round(stride * s),) * 2, (round(model_input * s),) * 2, stacked
-    tile = pair(t.tile_size, "tile_size", "config") if t.tile_size else (s, s)
+    tile = pair(t.tile_size, "tile_size", "config") if t.tile_size else hw
     stride = pair(t.stride, "stride", "config") if t.stride else tile
     model_input = pair(t.input_size, "input_size", "config") if t.input_size else tile
     return tile, stride, model_input, t.stacked
@@ -211,7 +243,7 @@ def validate(config: Config, origin: str = "config") -> None:
     """Range checks that need no files or models (those come when the run starts)."""
     d, t, f, tr = config.data, config.tiling, config.fusion, config.train
     checks = [
-        (d.image_size >= 32, "data.image_size", d.image_size, "an integer >= 32"),
+        (min(image_hw(config)) >= 32, "data.image_size", d.image_size, "an integer >= 32 or [height, width] >= 32"),
         (
             all(c not in ("", ".", "..") and "/" not in c and "\\" not in c for c in d.categories)
             and len(set(d.categories)) == len(d.categories),
@@ -220,6 +252,7 @@ def validate(config: Config, origin: str = "config") -> None:
             "distinct folder names under data.root",
         ),
         (0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 <= value < 1"),
+        (0.0 <= d.test_fraction < 1.0, "data.test_fraction", d.test_fraction, "0 <= value < 1"),
         (0.0 <= t.seam_band <= 0.5, "tiling.seam_band", t.seam_band, "0 <= value <= 0.5"),
         (t.seam_sigma >= 0.0, "tiling.seam_sigma", t.seam_sigma, ">= 0"),
         (t.blur_sigma >= 0.0, "tiling.blur_sigma", t.blur_sigma, ">= 0"),
@@ -264,7 +297,7 @@ def validate(config: Config, origin: str = "config") -> None:
         raise TilecoreError(f"{origin}: tiling input size {model_input}; expected at least 32 pixels")
     from tilecore.runtime.tiling import tile_grid
 
-    tile_grid((d.image_size, d.image_size), tile, stride)  # a tile larger than the image or a bad stride fails here
+    tile_grid(image_hw(config), tile, stride)  # a tile larger than the image or a bad stride fails here
 
 
 def load_config(path: str | Path | None) -> Config:

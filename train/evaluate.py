@@ -13,8 +13,8 @@ from tilecore.runtime.artifacts import atomic_write_json
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_mask
 from tilecore.runtime.preprocess import resize_mask
-from tilecore.train.config import Config
-from tilecore.train.data import Sample, config_categories, load_category
+from tilecore.train.config import Config, image_hw
+from tilecore.train.data import Sample, config_categories, load_config_category
 from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
 from tilecore.train.fit import read_batches
 from tilecore.train.metrics import summarize
@@ -26,32 +26,33 @@ log = logging.getLogger("tilecore")
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
-def ground_truth(sample: Sample, image_shape: tuple[int, int], size: int) -> np.ndarray:
-    """The sample's mask at the working resolution, bool [size, size]; all False for normal images."""
+def ground_truth(sample: Sample, image_shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray | None:
+    """The sample's mask at the working resolution (height, width) `size`, bool; all False for normal images;
+    None for an anomalous image without a mask (a `plain` dataset's bad/ image may have none)."""
     if sample.label == 0:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros(size, dtype=bool)
     if sample.mask is None:
-        raise TilecoreError(f"image {sample.image}: anomalous but its ground-truth mask is missing")
+        return None
     mask = read_mask(sample.mask)
     if mask.shape != image_shape:
         raise TilecoreError(
             f"mask {sample.mask}: size {mask.shape[1]}x{mask.shape[0]} differs from its image "
             f"{image_shape[1]}x{image_shape[0]}"
         )
-    return resize_mask(mask, size, size)
+    return resize_mask(mask, *size)
 
 
 def score_samples(
     config: Config, model: CategoryModel, samples: list[Sample], skipped: list[str], progress: Progress, label: str
 ) -> tuple[list[Sample], np.ndarray, np.ndarray, np.ndarray]:
-    """(kept samples, image scores [N], anomaly maps [N, S, S], masks [N, S, S]) for readable samples."""
-    size = config.data.image_size
+    """(kept samples, image scores [N], anomaly maps [N, H, W], N masks [H, W] or None) for readable samples."""
+    size = image_hw(config)
     task = progress.add_task(label, total=len(samples))
     kept: list[Sample] = []
     scores, maps, masks = [], [], []
     for batch_samples, images in read_batches(samples, config.train.batch_size, skipped):
         masks.extend(ground_truth(s, im.shape[:2], size) for s, im in zip(batch_samples, images, strict=True))
-        batch_scores, batch_maps = model.predict(images)  # [b], [b, S, S]
+        batch_scores, batch_maps = model.predict(images)  # [b], [b, H, W]
         scores.append(batch_scores)
         maps.append(batch_maps)
         kept.extend(batch_samples)
@@ -59,7 +60,7 @@ def score_samples(
     progress.update(task, completed=len(samples))
     if not kept:
         raise TilecoreError(f"{label}: no readable test images")
-    return kept, np.concatenate(scores), np.concatenate(maps), np.stack(masks)
+    return kept, np.concatenate(scores), np.concatenate(maps), masks
 
 
 def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
@@ -76,7 +77,6 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
     """Evaluate every trained category of `run_dir`; writes and returns metrics.json's content."""
     progress = progress or Progress(disable=True)
     config = load_run_config(run_dir)
-    root = Path(config.data.root)
     categories = config_categories(config)
     untrained = [c for c in categories if not (run_dir / c / CALIBRATION_FILE).is_file()]
     if untrained:
@@ -85,15 +85,20 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
     results: dict[str, dict] = {}
     skipped_all: dict[str, list[str]] = {}
     for category in categories:
-        data = load_category(root, category, config.data.format, config.data.val_fraction, config.data.split_seed)
+        data = load_config_category(config, category)
         if not data.test:
-            raise TilecoreError(f"dataset {root} category {category}: no test images")
+            raise TilecoreError(f"dataset {config.data.root} category {category}: no test images")
         model = load_category_model(config, run_dir, category, embedders)
         skipped: list[str] = []
         started = time.perf_counter()
         kept, scores, maps, masks = score_samples(config, model, data.test, skipped, progress, f"{category}: eval")
         labels = np.array([s.label for s in kept])
-        metrics = summarize(labels, scores, masks, maps)
+        # pixel metrics over the images whose ground truth is known: normals, and anomalous ones with a mask
+        known = [i for i, m in enumerate(masks) if m is not None]
+        pixel_known = any(labels[i] == 1 for i in known)
+        known_masks = np.stack([masks[i] for i in known]) if pixel_known else None  # [K, H, W]
+        metrics = summarize(labels, scores, known_masks, maps[known] if pixel_known else None)
+        metrics["masked_anomalous_images"] = sum(int(labels[i] == 1) for i in known)
         metrics.update(threshold_metrics(labels, scores, model.thresholds["image"]))
         metrics["test_images"] = len(kept)
         metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
@@ -105,12 +110,14 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
                 "label": s.label,
                 "defect": s.defect,
                 "score": float(v),
-                "defect_pixels": int(m.sum()),
+                "defect_pixels": None if m is None else int(m.sum()),
             }
             for s, v, m in zip(kept, scores, masks, strict=True)
         ]
         atomic_write_json(run_dir / category / "test_scores.json", per_image)
-    mean = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
+    # a metric no category could compute (no masks anywhere) stays None
+    known = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRIC_KEYS}
+    mean = {k: float(np.mean(values)) if values else None for k, values in known.items()}
     report = {"categories": results, "mean": mean}
     atomic_write_json(run_dir / METRICS_FILE, report)
     update_metadata(run_dir, eval_skipped_images=skipped_all)

@@ -13,7 +13,7 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.preprocess import Preprocess, normalise_rgb, tiles_at
 from tilecore.runtime.tiling import TileGrid, tile_grid
 from tilecore.train.backbones import create_feature_extractor, default_mean_std, feature_channels
-from tilecore.train.config import Config, MemberConfig, tiling_geometry
+from tilecore.train.config import Config, MemberConfig, image_hw, tiling_geometry
 from tilecore.train.patchcore import PatchEmbedder
 from tilecore.train.run_dir import MEMBERS_DIR
 from tilecore.train.weights import resolve_weights
@@ -28,7 +28,7 @@ class Embedder:
     pixels_per_pass: int = 4 * 256 * 256  # backbone batch budget; CPUs slow down sharply past a few tiles
 
     def normalise(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """RGB uint8 images -> normalised images [3, S, S] at the working resolution."""
+        """RGB uint8 images -> normalised images [3, H, W] at the working resolution."""
         return [normalise_rgb(image, self.preprocess) for image in images]
 
     @torch.inference_mode()
@@ -51,15 +51,15 @@ class Embedder:
 
 
 def grid_for(config: Config) -> tuple[TileGrid, tuple[int, int], bool]:
-    size = config.data.image_size
     tile, stride, model_input, stacked = tiling_geometry(config)
-    return tile_grid((size, size), tile, stride), model_input, stacked
+    return tile_grid(image_hw(config), tile, stride), model_input, stacked
 
 
 def preprocess_for(config: Config, member: MemberConfig) -> Preprocess:
     mean, std = default_mean_std(member.backbone)
-    size = config.data.image_size
-    return Preprocess(size, size, tuple(member.mean or mean), tuple(member.std or std))
+    height, width = image_hw(config)
+    stats = (tuple(member.mean or mean), tuple(member.std or std))
+    return Preprocess(height, width, *stats, bit_depth=config.data.bit_depth)
 
 
 def build_net(member: MemberConfig, state_dict: dict[str, torch.Tensor] | None) -> PatchEmbedder:

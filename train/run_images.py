@@ -39,12 +39,20 @@ def calibration_picks(count: int, tile_locations: int, limit: int = CALIBRATION_
 
 
 def keep_images(
-    run_dir: Path, category: str, validation: list[Path], train: list[Path], image_size: int, tile_locations: int
+    run_dir: Path,
+    category: str,
+    validation: list[Path],
+    train: list[Path],
+    image_size: tuple[int, int],
+    tile_locations: int,
+    bit_depth: str | int = "auto",
 ) -> None:
     """Write the category's kept images: every one of `validation`, the calibration picks of `train` (both
-    readable images, in split order), at `image_size` x `image_size`. A record that lists the same sources
-    at the same size is kept as it is (a resumed run)."""
+    readable images, in split order), at `image_size` (height, width), read with the run's `bit_depth`
+    (so they are the 8-bit images training saw). A record that lists the same sources at the same size and
+    depth is kept as it is (a resumed run)."""
     folder = run_dir / category
+    height, width = image_size
     sources = {
         VALIDATION: [str(p) for p in validation],
         CALIBRATION: [str(train[i]) for i in calibration_picks(len(train), tile_locations)],
@@ -53,16 +61,21 @@ def keep_images(
     if record_path.is_file():
         record = read_json(record_path)
         names = [folder / n for kind in (VALIDATION, CALIBRATION) for n in record.get(kind, [])]
-        same = record.get("sources") == sources and record.get("image_size") == image_size
+        same = (
+            record.get("sources") == sources
+            and record.get("image_size") == [height, width]
+            and record.get("bit_depth", "auto") == bit_depth
+        )
         if same and all(path.is_file() for path in names):
             return
         record_path.unlink()  # the kept images change: the record goes first, so it never lists a half set
-    record: dict = {"image_size": image_size, "sources": sources}
+    record: dict = {"image_size": [height, width], "bit_depth": bit_depth, "sources": sources}
     for kind, paths in sources.items():
         record[kind] = []
         for j, path in enumerate(paths):
             name = f"{KEPT_DIR}/{kind}/{j:04d}.png"
-            write_png(folder / name, resize_rgb(read_rgb(path), image_size, image_size))  # [S, S, 3] uint8
+            resized = resize_rgb(read_rgb(path, bit_depth=bit_depth), height, width)  # [H, W, 3] uint8
+            write_png(folder / name, resized)
             record[kind].append(name)
     atomic_write_json(record_path, record)
 

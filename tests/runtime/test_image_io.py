@@ -120,10 +120,10 @@ def test_bad_files_are_refused_by_name(tmp_path: Path, name: str, content: bytes
     assert name in str(info.value)
 
 
-def test_sixteen_bit_is_refused(tmp_path: Path) -> None:
+def test_sixteen_bit_is_refused_under_bit_depth_8(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "deep.png"), np.full((4, 4, 3), 60000, dtype=np.uint16))
-    with pytest.raises(TilecoreError, match="uint16"):
-        read_rgb(tmp_path / "deep.png")
+    with pytest.raises(TilecoreError, match="deep.png: 16-bit pixels, but bit_depth 8 expects 8-bit"):
+        read_rgb(tmp_path / "deep.png", bit_depth=8)
 
 
 def test_mask_is_boolean(tmp_path: Path) -> None:

@@ -61,8 +61,25 @@ def test_folder_is_sorted_and_ignores_non_images(tmp_path: Path) -> None:
     make_images(tmp_path, ["b.png", "a.PNG", "c.jpg"])
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "sub").mkdir()
-    write_png(tmp_path / "sub" / "nested.png", image(1))  # not recursive
-    assert names(str(tmp_path)) == [str(tmp_path / n) for n in ("a.PNG", "b.png", "c.jpg")]
+    write_png(tmp_path / "sub" / "nested.png", image(1))
+    assert names(str(tmp_path)) == [str(tmp_path / n) for n in ("a.PNG", "b.png", "c.jpg", "sub/nested.png")]
+
+
+def test_folder_is_recursive_with_unique_relative_names(tmp_path: Path) -> None:
+    """Images in subfolders are scored, in path order; two files sharing a name in different subfolders
+    keep distinct names (each is its path under the folder given)."""
+    make_images(tmp_path / "line1" / "cam0", ["001.png", "000.png"])
+    make_images(tmp_path / "line2", ["000.png"])
+    make_images(tmp_path, ["top.png"])
+    (tmp_path / "line2" / "empty").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)  # never followed
+    (tmp_path / "x.png").mkdir()  # a folder named like an image: listed, then an error Item
+    items = list(stream(str(tmp_path)))
+    relative = [str(Path(item.name).relative_to(tmp_path)) for item in items]
+    assert relative == ["line1/cam0/000.png", "line1/cam0/001.png", "line2/000.png", "top.png", "x.png"]
+    assert len(set(item.name for item in items)) == len(items)
+    assert [item.error is None for item in items] == [True, True, True, True, False]
+    assert "is a folder" in items[-1].error
 
 
 def test_glob_is_sorted(tmp_path: Path) -> None:
@@ -106,7 +123,7 @@ def test_bad_images_become_error_items_and_the_stream_goes_on(tmp_path: Path) ->
         else:
             assert item.image is None
             assert Path(item.name).name in item.error and "\n" not in item.error
-    assert "empty" in items[1].error and "decode" in items[2].error and "uint16" in items[3].error
+    assert "empty" in items[1].error and "decode" in items[2].error and "16-bit" in items[3].error
 
 
 def make_non_files(folder: Path) -> dict[str, str]:
@@ -411,12 +428,12 @@ def counting_read_rgb(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> li
     calls = [0]
     lock = threading.Lock()
 
-    def counted(path: Path) -> np.ndarray:
+    def counted(path: Path, *args: object) -> np.ndarray:
         if delay:
             time.sleep(random.uniform(0, delay))
         with lock:
             calls[0] += 1
-        return read_rgb(path)
+        return read_rgb(path, *args)
 
     monkeypatch.setattr(sources, "read_rgb", counted)
     return calls
@@ -462,7 +479,7 @@ def test_a_bug_in_a_loader_propagates_and_stops_the_thread(tmp_path: Path, monke
     make_images(tmp_path, ["a.png", "b.png"])
     baseline = threading.active_count()
 
-    def broken(path: Path) -> np.ndarray:
+    def broken(path: Path, *args: object) -> np.ndarray:
         raise RuntimeError("bug")
 
     monkeypatch.setattr(sources, "read_rgb", broken)

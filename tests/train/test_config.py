@@ -52,7 +52,7 @@ def test_presets_scale_with_the_image(size: int, preset: str, expected: tuple) -
         ({"model": {}}, r"unknown section \[model\] \(members are \[\[members\]\] tables\)"),
         ({"members": [{"coreset_ratio": "big"}]}, "members.coreset_ratio: got string 'big', expected number"),
         ({"members": [{"pretrained": 1}]}, "members.pretrained: got integer 1, expected boolean"),
-        ({"data": {"format": "coco"}}, "data.format = 'coco'; allowed: 'mvtec', 'visa'"),
+        ({"data": {"format": "coco"}}, "data.format = 'coco'; allowed: 'auto', 'mvtec', 'mvtec_ad2', 'visa'"),
         ({"members": [{}, {"coreset_ratio": 1.5}]}, "member 1 coreset_ratio = 1.5; expected 0 < value <= 1"),
         ({"members": [{"patch_size": 2}]}, "member 0 patch_size = 2; expected an odd integer"),
         ({"members": []}, "one or more"),
