@@ -9,7 +9,9 @@ What lands in `--out`, and the promises about it:
   end (`"completed": true`); an interrupted run leaves `false` with the counts of the lines written.
   `images + failed` equals the number of lines in results.jsonl.
 * `overlays/`, `masks/` (optional): one PNG per scored input, named `<readable part>-<hash of the input
-  name>.png` so that no two inputs share a file; each result line names its files.
+  name>.png` so that no two inputs share a file; each result line names its files. What an overlay
+  shows (heat map, mask outline, colour bar, label, score, threshold; optionally beside the original)
+  is runtime.overlay's.
 * `.lock`: an exclusive lock held for the whole run, so a second run into the same folder is refused.
 
 runtime.output_folder keeps these files; this module streams inputs into them.
@@ -30,6 +32,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -46,6 +49,7 @@ from tilecore.runtime.output_folder import (
     record_line,
     write_summary,
 )
+from tilecore.runtime.overlay import overlay
 from tilecore.runtime.predictor import Predictor, Result
 from tilecore.runtime.sources import Item, is_camera, stream, validate_image
 
@@ -54,13 +58,13 @@ STEM_CHARS = 60  # readable part of an overlay/mask file name (ASCII, so bytes =
 HASH_CHARS = 16  # hex digits of sha256(input name) that make the file name unique
 
 
-def overlay(image: np.ndarray, result: Result, pixel_threshold: float) -> np.ndarray:
-    """RGB image with the anomaly map as a heat map (red = at or above twice the pixel threshold)."""
-    h, w = image.shape[:2]
-    anomaly_map = cv2.resize(result.anomaly_map, (w, h), interpolation=cv2.INTER_LINEAR)
-    scale = np.clip(anomaly_map / max(2.0 * pixel_threshold, 1e-6), 0.0, 1.0)
-    heat = cv2.applyColorMap((scale * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
-    return cv2.addWeighted(image, 0.6, heat, 0.4, 0.0)
+@dataclass(frozen=True)
+class Pictures:
+    """Which pictures a run writes for each scored input."""
+
+    overlays: bool = False
+    masks: bool = False
+    side_by_side: bool = False  # overlays: the original on the left of the overlay
 
 
 def full_size_mask(result: Result, hw: tuple[int, int]) -> np.ndarray:
@@ -104,6 +108,7 @@ def _scored_record(item: Item, result: Result, batch_ms: float) -> dict:
     return {
         "input": item.name,
         "score": round(result.score, 6),
+        **({"threshold": round(result.threshold, 6)} if result.threshold is not None else {}),  # label's threshold
         "label": "anomalous" if result.label else "normal",
         "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
         **({"rechecked_fp32": True} if result.rechecked else {}),
@@ -111,14 +116,17 @@ def _scored_record(item: Item, result: Result, batch_ms: float) -> dict:
 
 
 def _write_pictures(
-    predictor: Predictor, out: Path, item: Item, result: Result, record: dict, overlays: bool, masks: bool
+    predictor: Predictor, out: Path, item: Item, result: Result, record: dict, pictures: Pictures
 ) -> None:
     """Write the overlay and mask of a scored item and name them in its record."""
     stem = output_stem(item.name)
-    if overlays:
-        heat = overlay(item.image, result, predictor.thresholds.pixel)
+    if pictures.overlays:
+        heat = overlay(
+            item.image, result.anomaly_map, result.mask, predictor.thresholds.pixel, result.score,
+            result.threshold, bool(result.label), pictures.side_by_side,
+        )  # fmt: skip
         record["overlay"] = _write_picture(out, f"overlays/{stem}.png", heat)
-    if masks:
+    if pictures.masks:
         record["mask"] = _write_picture(out, f"masks/{stem}.png", full_size_mask(result, item.image.shape[:2]))
 
 
@@ -130,7 +138,7 @@ def _write_picture(out: Path, relative: str, picture: np.ndarray) -> str:
     return relative
 
 
-def _batch_records(predictor: Predictor, out: Path, batch: list[Item], overlays: bool, masks: bool) -> list[dict]:
+def _batch_records(predictor: Predictor, out: Path, batch: list[Item], pictures: Pictures) -> list[dict]:
     """One record per item of the batch, in input order."""
     tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
     records: dict[int, dict] = {}
@@ -148,7 +156,7 @@ def _batch_records(predictor: Predictor, out: Path, batch: list[Item], overlays:
         for (position, item), result in zip(usable, outcomes, strict=True):
             record = _scored_record(item, result, batch_ms)
             if "error" not in record:
-                _write_pictures(predictor, out, item, result, record, overlays, masks)
+                _write_pictures(predictor, out, item, result, record, pictures)
             records[position] = record
     return [records[position] for position in sorted(records)]
 
@@ -163,8 +171,13 @@ def run_stream(
     on_item: Callable[[dict], None] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    on_batch: Callable[[dict], None] | None = None,
+    side_by_side: bool = False,
 ) -> dict:
     """Score every input of `spec`; returns the summary also written to out/summary.json.
+
+    `on_item` is called with each record as it is written, `on_batch` after each batch with the running
+    summary (the counts so far, `seconds`, this run's `images_per_second`): progress for the caller to show.
 
     `resume`: keep the records already in out/results.jsonl and score only the inputs they do not name
     (a name recorded k times skips its first k occurrences). `overwrite`: replace an earlier run's results.
@@ -175,11 +188,13 @@ def run_stream(
     if resume and is_camera(spec):  # frame names restart at #0 each run: resuming would drop live frames
         raise TilecoreError(f"--resume with camera {spec}: a camera has no earlier frames to skip; use --overwrite")
     done: Counter[str] = Counter()  # the earlier run's inputs (--resume), filled before the first item is read
-    items = stream(spec, skip=done)  # raises TilecoreError now when the spec names nothing, before --out is touched
+    # files are read by the bundle's bit-depth rule; raises TilecoreError now when the spec names nothing,
+    # before --out is touched
+    items = stream(spec, skip=done, bit_depth=predictor.bit_depth)
     try:
         lock = lock_out(out)
         try:
-            args = (batch_size, overlays, masks, on_item, resume, overwrite)
+            args = (batch_size, Pictures(overlays, masks, side_by_side), on_item, resume, overwrite, on_batch)
             return _run_locked(predictor, spec, items, done, out, *args)
         finally:
             os.close(lock)  # releases the lock
@@ -194,13 +209,18 @@ def _run_locked(
     done: Counter[str],
     out: Path,
     batch_size: int,
-    overlays: bool,
-    masks: bool,
+    pictures: Pictures,
     on_item: Callable[[dict], None] | None,
     resume: bool,
     overwrite: bool,
+    on_batch: Callable[[dict], None] | None,
 ) -> dict:
-    identity = {"input": spec, "bundle_sha256": predictor.manifest_sha256}
+    # resuming with another --threshold would mix two runs' labels in one results.jsonl
+    identity = {
+        "input": spec,
+        "bundle_sha256": predictor.manifest_sha256,
+        "image_threshold": predictor.thresholds.image,
+    }
     if resume:
         check_same_run(out, identity)
     results, earlier = open_results(out, resume, overwrite)
@@ -227,7 +247,7 @@ def _run_locked(
         write_summary(out, summary(False))  # replaces a stale summary before any new line
         last_summary = time.monotonic()
         for batch in batches(items, batch_size):
-            for record in _batch_records(predictor, out, batch, overlays, masks):
+            for record in _batch_records(predictor, out, batch, pictures):
                 try:
                     line = record_line(record)
                 except ValueError:  # a non-finite number somewhere in the record
@@ -239,6 +259,8 @@ def _run_locked(
                 scored_now += "error" not in record
                 if on_item:
                     on_item(record)
+            if on_batch:
+                on_batch(summary(False))
             if time.monotonic() - last_summary >= SUMMARY_EVERY_S:
                 results.sync()  # the summary never counts lines that are not on disk
                 write_summary(out, summary(False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import resource
 import shutil
@@ -219,3 +220,22 @@ def test_overlay_and_mask_names_never_collide(bundle: Path, tmp_path: Path) -> N
         assert len(set(files)) == len(names) and all((out / f).is_file() for f in files)
         assert len(list((out / f"{kind}s").iterdir())) == len(names)
         assert max(len(Path(f).name.encode()) for f in files) <= 100
+
+
+def test_progress_lines_and_summary_in_a_log(bundle: Path, many: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "TILECORE_PROGRESS_EVERY_S": "0"}  # stderr is a pipe: plain lines, one per batch
+    proc = tilecore(bundle, many, out, "--side-by-side", env=env)
+    assert proc.returncode == 0, proc.stderr
+    pattern = r"^run: (\d+) scored \(\d+ anomalous\), 0 failed, [\d.e+]+ images/s, \d:\d\d:\d\d elapsed$"
+    counts = [int(m.group(1)) for m in re.finditer(pattern, proc.stderr, re.M)]
+    assert counts == list(range(1, 41)), proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert re.fullmatch(
+        rf"40 scored \(\d+ anomalous\), 0 failed, [\d.e+]+ images/s on CPUExecutionProvider, [\d.]+ s; "
+        rf"results in {re.escape(str(out / 'results.jsonl'))}; summary in {re.escape(str(out / 'summary.json'))}; "
+        rf"overlays in {re.escape(str(out / 'overlays'))}",
+        last,
+    ), last
+    assert "\x1b[" not in proc.stderr
+    assert len(list((out / "overlays").glob("*.png"))) == 40 and not list((out / "overlays").glob("*.png.png"))

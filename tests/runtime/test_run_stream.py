@@ -4,6 +4,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_stream_skips_bad_items_and_keeps_going(bundle: Path, tmp_path: Path) ->
     (inputs / "1a_empty.png").write_bytes(b"")
     (inputs / "1b_corrupt.png").write_bytes(b"\x89PNG nonsense")
     write_png(inputs / "1c_tiny.png", np.zeros((8, 8, 3), np.uint8))
-    cv2.imwrite(str(inputs / "1d_deep.png"), np.zeros((64, 64, 3), np.uint16))
+    cv2.imwrite(str(inputs / "1d_deep.png"), np.zeros((64, 64, 3), np.uint16))  # bit_depth auto: scored
     out = tmp_path / "out"
     command = [sys.executable, "-m", "tilecore.cli", "run", str(bundle), str(inputs), "--out", str(out)]
     proc = subprocess.run([*command, "--device", "cpu", "--overlays", "--masks"], capture_output=True, text=True)
@@ -59,13 +60,13 @@ def test_stream_skips_bad_items_and_keeps_going(bundle: Path, tmp_path: Path) ->
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [Path(r["input"]).name for r in records] == sorted(p.name for p in inputs.iterdir())
     errors = {Path(r["input"]).name: r["error"] for r in records if "error" in r}
-    assert set(errors) == {"1a_empty.png", "1b_corrupt.png", "1c_tiny.png", "1d_deep.png"}
+    assert set(errors) == {"1a_empty.png", "1b_corrupt.png", "1c_tiny.png"}
     assert "empty" in errors["1a_empty.png"] and "smaller than one tile" in errors["1c_tiny.png"]
     scored = [r for r in records if "score" in r]
-    assert len(scored) == 3 and all(r["label"] in ("normal", "anomalous") for r in scored)
+    assert len(scored) == 4 and all(r["label"] in ("normal", "anomalous") for r in scored)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 3 and summary["failed"] == 4 and summary["providers"] == ["CPUExecutionProvider"]
-    assert len(list((out / "overlays").glob("*.png"))) == 3 and len(list((out / "masks").glob("*.png"))) == 3
+    assert summary["images"] == 4 and summary["failed"] == 3 and summary["providers"] == ["CPUExecutionProvider"]
+    assert len(list((out / "overlays").glob("*.png"))) == 4 and len(list((out / "masks").glob("*.png"))) == 4
 
 
 def test_runtime_cli_needs_no_torch(bundle: Path, tmp_path: Path) -> None:
@@ -117,6 +118,7 @@ class FakePredictor:
         self.providers = ["FakeProvider"]
         self.bundle = Path("fake-bundle")
         self.manifest_sha256 = "0" * 64
+        self.bit_depth = 8
         self.scores = scores or {}
         self.interrupt_on_call = interrupt_on_call
         self.calls = 0
@@ -388,3 +390,32 @@ def test_summary_is_rewritten_while_the_run_goes(tmp_path: Path, monkeypatch: py
     run_stream(Watching(), str(tmp_path / "in"), out, batch_size=1)
     assert seen_by_batch == [(False, 0, 0), (False, 1, 1), (False, 2, 2), (False, 3, 3)]
     assert json.loads((out / "summary.json").read_text())["completed"] is True
+
+
+def test_output_stems_have_no_double_suffix_and_keep_subfolders_apart() -> None:
+    names = ["x.png", "x.PNG", "x.jpeg", "a/x.png", "b/x.png", "a/b/x.png", "a_b/x.png", "x"]
+    stems = [output_stem(name) for name in names]
+    assert len(set(stems)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+-[0-9a-f]{16}", stem) for stem in stems), stems
+    assert stems[0].startswith("x-") and stems[3].startswith("a_x-") and stems[5].startswith("a_b_x-")
+
+
+def test_progress_callback_gets_the_counts_after_each_batch(tmp_path: Path) -> None:
+    numbered_images(tmp_path / "in", 5)
+    (tmp_path / "in" / "004.png").write_bytes(b"")  # one bad input
+    seen = []
+    run_stream(FakePredictor(), str(tmp_path / "in"), tmp_path / "out", batch_size=2, on_batch=seen.append)
+    assert [(s["images"], s["failed"]) for s in seen] == [(2, 0), (3, 1), (4, 1)]
+    assert all(s["completed"] is False and s["images_per_second"] is not None for s in seen)
+
+
+def test_side_by_side_overlays_are_twice_as_wide(tmp_path: Path) -> None:
+    numbered_images(tmp_path / "in", 1)
+    widths = {}
+    for side in (False, True):
+        out = tmp_path / f"out{side}"
+        run_stream(FakePredictor(), str(tmp_path / "in"), out, overlays=True, side_by_side=side)
+        record = strict_lines(out / "results.jsonl")[0]
+        assert record["overlay"].endswith(".png") and not record["overlay"].endswith(".png.png")
+        widths[side] = cv2.imread(str(out / record["overlay"])).shape[1]
+    assert widths[True] - widths[False] == 16  # the 16 px original beside the overlay
