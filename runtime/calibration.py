@@ -14,7 +14,7 @@ import numpy as np
 from tilecore.runtime.errors import TilecoreError
 
 FUSION_RULES = ("mean", "max", "geometric")
-THRESHOLD_RULES = ("auto", "f1", "quantile")
+THRESHOLD_RULES = ("auto", "f1", "synthetic", "quantile")
 MIN_CALIBRATION_IMAGES = 2
 _EPS = 1e-12
 
@@ -103,11 +103,56 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(best)
 
 
-def calibrate_threshold(labels: np.ndarray, scores: np.ndarray, rule: str, quantile: float) -> tuple[float, str]:
-    """(threshold, how) from validation scores; `auto` uses F1 when anomalous images exist, else the quantile."""
+def balanced_f1_threshold(normal_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:
+    """The threshold maximising F1 with the two classes weighted equally (each normal counts
+    len(anomalous) / len(normal)), so the operating point does not depend on how many anomalies were painted.
+
+    The threshold lies midway between the best candidate score and the next lower score, so a normal score
+    just below it is not flagged by rounding.
+    """
+    normal = np.asarray(normal_scores, dtype=np.float64)
+    anomalous = np.asarray(anomalous_scores, dtype=np.float64)
+    if len(normal) == 0 or len(anomalous) == 0:
+        raise TilecoreError("threshold: balanced F1 needs both normal and anomalous scores")
+    weight = len(anomalous) / len(normal)  # each normal's weight: both classes weigh len(anomalous)
+    candidates = np.unique(np.concatenate([normal, anomalous]))  # ascending
+    best_index, best_f1 = 0, -1.0
+    for i, t in enumerate(candidates):
+        tp = float(np.sum(anomalous >= t))
+        fp = weight * float(np.sum(normal >= t))
+        f1 = 2 * tp / (tp + fp + len(anomalous))
+        if f1 > best_f1:
+            best_index, best_f1 = i, f1
+    if best_index == 0:
+        return float(candidates[0])
+    return float((candidates[best_index] + candidates[best_index - 1]) / 2)
+
+
+def calibrate_threshold(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    rule: str,
+    quantile: float,
+    synthetic_scores: np.ndarray | None = None,
+) -> tuple[float, str]:
+    """(threshold, how) from validation scores.
+
+    `f1`: F1 over labelled (real) anomalous and normal validation images. `synthetic`: balanced F1 between
+    the normal validation scores and `synthetic_scores`, the scores of synthetic defects painted into those
+    normals (train.fit). `quantile`: a quantile of the normal scores. `auto`: f1 when anomalous validation
+    images exist, else synthetic when synthetic scores were given, else the quantile.
+    """
     if rule not in THRESHOLD_RULES:
         raise TilecoreError(f"threshold rule {rule!r}: expected one of {', '.join(THRESHOLD_RULES)}")
     labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores)
     if rule == "f1" or (rule == "auto" and labels.any() and not labels.all()):
         return f1_threshold(labels, scores), "f1"
-    return quantile_threshold(np.asarray(scores)[~labels], quantile), f"quantile {quantile}"
+    has_synthetic = synthetic_scores is not None and len(synthetic_scores) > 0
+    if rule == "synthetic" and not has_synthetic:
+        raise TilecoreError("threshold rule 'synthetic': no synthetic anomaly scores to calibrate on")
+    if rule == "synthetic" or (rule == "auto" and has_synthetic):
+        normal = scores[~labels]
+        threshold = balanced_f1_threshold(normal, np.asarray(synthetic_scores))
+        return threshold, f"synthetic balanced f1 ({len(normal)} normal, {len(synthetic_scores)} synthetic)"
+    return quantile_threshold(scores[~labels], quantile), f"quantile {quantile}"

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.cli import assert_one_line_refusal, describe, run_cli, toml_text
+from tilecore.runtime.calibration import balanced_f1_threshold
 from tilecore.train.synth import build_synth_dataset
 
 CATEGORIES = ("brick", "grass")
@@ -183,7 +184,10 @@ def test_train_writes_a_complete_run(fast_run: Path) -> None:
         assert (fast_run / category / "banks" / "m0_t0_0.safetensors").is_file()
         calibration = read_json(fast_run / category / "calibration.json")
         assert calibration["validation_images"] == 2
-        assert calibration["thresholds"]["image_rule"] == "quantile 0.99"
+        # only normal validation images: the default rule paints synthetic defects into them (never test data)
+        assert calibration["thresholds"]["image_rule"].startswith("synthetic balanced f1")
+        expected = balanced_f1_threshold(calibration["validation_fused_scores"], calibration["synthetic_fused_scores"])
+        assert calibration["thresholds"]["image"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_random_init_warns_loudly(jobs: dict) -> None:

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from tests.cli import assert_one_line_refusal, run_cli
 from tests.test_cli import assert_ok, read_json, write_config
 from tests.train.test_metrics import brute_force_f1, pairwise_auroc
+from tilecore.runtime.calibration import balanced_f1_threshold
 from tilecore.train.synth import build_synth_dataset
 
 CATEGORIES = ("brick", "gravel")
@@ -54,11 +55,13 @@ def test_every_member_and_tile_location_gets_a_bank(full_run: Path) -> None:
         calibration = read_json(full_run / category / "calibration.json")
         assert len(calibration["members"]) == 2
         assert all(len(m["per_location"]) == 9 for m in calibration["members"])
-        # the validation split holds normal images only, so the threshold is their 0.99 quantile
+        # the validation split holds normal images only, so the threshold separates them from synthetic defects
+        # painted into them (balanced F1)
         scores = calibration["validation_fused_scores"]
         assert calibration["validation_images"] == len(scores) == 2  # 8 training images x 0.25
-        assert calibration["thresholds"]["image_rule"] == "quantile 0.99"
-        assert calibration["thresholds"]["image"] == pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-9)
+        assert calibration["thresholds"]["image_rule"].startswith("synthetic balanced f1")
+        expected = balanced_f1_threshold(scores, calibration["synthetic_fused_scores"])
+        assert calibration["thresholds"]["image"] == pytest.approx(expected, rel=1e-9)
         # each member's image scores are standard scores against these very 2 images, i.e. -1 and +1; the
         # mean fusion of two members gives -1, +1 (members agree on the order) or 0, 0 (they disagree)
         fused = sorted(scores)

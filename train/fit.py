@@ -12,7 +12,9 @@ each category also keeps the images export needs (train.run_images) before its f
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_resu
 from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
 from tilecore.train.coreset import approximate_greedy_coreset
-from tilecore.train.data import CategoryData, Sample, config_categories, load_category
+from tilecore.train.data import CategoryData, Sample, config_categories, load_config_category
 from tilecore.train.data_checks import ImageCensus, check_bank_size, check_category_images, check_spread
 from tilecore.train.ensemble import (
     CALIBRATION_FILE,
@@ -58,8 +60,10 @@ from tilecore.train.run_dir import (
     update_metadata,
 )
 from tilecore.train.run_images import keep_images
+from tilecore.train.synth import DEFECT_TYPES, paint_defect
 
 log = logging.getLogger("tilecore")
+SYNTHETIC_SEED_STREAM = 7919  # seeds the synthetic defects apart from every other use of train.seed
 
 
 def read_batches(
@@ -69,7 +73,7 @@ def read_batches(
     batch: list[tuple[Sample, np.ndarray]] = []
     for sample in samples:
         try:
-            batch.append((sample, read_rgb(sample.image)))
+            batch.append((sample, read_rgb(sample.image, bit_depth=sample.bit_depth)))
         except TilecoreError as exc:
             if str(sample.image) not in skipped:
                 log.warning("skipped: %s", exc)
@@ -146,9 +150,15 @@ def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], prog
             check_spread(calibration.image, f"category {data.name} member {i}", rule.fusion)
     fused_scores, fused_maps = ensemble_result(raw, model.grid, rule, calibrations)
     labels = np.zeros(count, dtype=bool)  # the validation split holds normal images only
-    threshold, how = calibrate_threshold(labels, fused_scores, config.fusion.threshold, config.fusion.quantile)
+    synthetic = None
+    if config.fusion.threshold in ("auto", "synthetic"):
+        synthetic = synthetic_anomaly_scores(model, data, calibrations, skipped, progress)
+    threshold, how = calibrate_threshold(
+        labels, fused_scores, config.fusion.threshold, config.fusion.quantile, synthetic
+    )
     return {
         "validation_images": count,
+        "synthetic_anomalies": 0 if synthetic is None else len(synthetic),
         "members": [c.to_dict() for c in calibrations],
         "thresholds": {
             "image": threshold,
@@ -157,7 +167,37 @@ def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], prog
             "pixel_rule": f"quantile {config.fusion.pixel_quantile}",
         },
         "validation_fused_scores": fused_scores.tolist(),
+        "synthetic_fused_scores": [] if synthetic is None else synthetic.tolist(),
     }
+
+
+def synthetic_anomaly_scores(
+    model: CategoryModel,
+    data: CategoryData,
+    calibrations: list[MemberCalibration],
+    skipped: list[str],
+    progress: Progress,
+) -> np.ndarray:
+    """Fused scores [N * len(DEFECT_TYPES)] of synthetic defects painted into the held-out normal validation
+    images (train.synth.paint_defect: one of each defect type per image), normalised with the normals'
+    statistics. They stand in for the anomalous validation images a normals-only dataset lacks (never test
+    data). A second pass re-reads the images, so memory stays at one batch of maps."""
+    config = model.config
+    task = progress.add_task(f"{data.name}: synthetic anomalies", total=len(data.validation))
+    scores = []
+    index = 0
+    for batch_samples, images in read_batches(data.validation, config.train.batch_size, skipped):
+        painted = []
+        for image in images:
+            rng = np.random.default_rng([config.train.seed, SYNTHETIC_SEED_STREAM, index])  # reproducible per image
+            painted += [paint_defect(rng, image, kind, data.name)[0] for kind in DEFECT_TYPES]
+            index += 1
+        for start in range(0, len(painted), config.train.batch_size):
+            chunk = painted[start : start + config.train.batch_size]
+            fused, _ = ensemble_result(model.raw_outputs(chunk), model.grid, config.merge_rule(), calibrations)
+            scores.append(fused)
+        progress.advance(task, len(batch_samples))
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
 
 def check_before_work(config: Config, datasets: list[CategoryData]) -> None:
@@ -221,11 +261,8 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
     progress = progress or Progress(disable=True)
     if member is not None and not 0 <= member < len(config.members):
         raise TilecoreError(f"--member {member}: expected 0..{len(config.members) - 1}")
-    root = Path(config.data.root)
     categories = config_categories(config)
-    datasets = [
-        load_category(root, c, config.data.format, config.data.val_fraction, config.data.split_seed) for c in categories
-    ]
+    datasets = [load_config_category(config, c) for c in categories]
     check_before_work(config, datasets)
     censuses = {
         d.name: check_category_images(d.name, [s.image for s in d.train], [s.image for s in d.validation])
@@ -259,8 +296,11 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
             },
         )
         trained, held_out = censuses[data.name]
-        size = config.data.image_size
-        keep_images(run_dir, data.name, held_out.readable, trained.readable, size, grid.count)  # for export
+        size = (grid.image_h, grid.image_w)
+        keep_images(run_dir, data.name, held_out.readable, trained.readable, size, grid.count, config.data.bit_depth)
+        fingerprints = read_metadata(run_dir).get("data_fingerprints", {})  # the bundle identity's (export)
+        fingerprints[data.name] = data_fingerprint(trained.readable + held_out.readable, Path(config.data.root))
+        update_metadata(run_dir, data_fingerprints=fingerprints)
         banks_trained = 0
         for i in indices:
             for suffix, locations in bank_groups(grid, stacked):
@@ -298,9 +338,22 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "skipped_images": skipped,
             "threshold": calibration["thresholds"]["image"],
+            "threshold_rule": calibration["thresholds"]["image_rule"],
         }
         update_metadata(run_dir, categories=stats)
     return read_metadata(run_dir)
+
+
+def data_fingerprint(images: list[Path], root: Path) -> dict[str, str | int]:
+    """{"sha256", "images"}: sha256 over the sorted names (relative to `root`) and bytes of `images`; each
+    image adds its name, a NUL and the sha256 of its file, so no two different sets hash alike."""
+    named = sorted((os.path.relpath(path, root) if path.is_absolute() == root.is_absolute() else str(path), path)
+                   for path in images)  # fmt: skip
+    digest = hashlib.sha256()
+    for name, path in named:
+        digest.update(name.replace(os.sep, "/").encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return {"sha256": digest.hexdigest(), "images": len(named)}
 
 
 def all_bank_paths(run_dir: Path, category: str, config: Config) -> list[Path]:

@@ -317,6 +317,23 @@ def _add_defect(
     raise RuntimeError(f"could not draw a {defect_type} defect in {MAX_ATTEMPTS} attempts")
 
 
+def paint_defect(
+    rng: np.random.Generator, image: np.ndarray, defect_type: str, category: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic defect of `defect_type` painted into an RGB uint8 image [H, W, 3] of any size: it is
+    drawn in the largest centred square (where the drawers work) and put back. Returns (image, bool mask [H, W]).
+    `category` only keeps a "foreign" patch from using the image's own texture when it is one of CATEGORIES."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(image[top : top + side, left : left + side])  # [side, side, 3]
+    painted, square_mask = _add_defect(rng, square, defect_type, category)
+    out, mask = image.copy(), np.zeros((h, w), dtype=bool)
+    out[top : top + side, left : left + side] = painted
+    mask[top : top + side, left : left + side] = square_mask
+    return out, mask
+
+
 # --- the builder ------------------------------------------------------------------------------------
 
 

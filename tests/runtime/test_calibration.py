@@ -5,6 +5,7 @@ import pytest
 
 from tilecore.runtime.calibration import (
     NormalStats,
+    balanced_f1_threshold,
     calibrate_threshold,
     f1_threshold,
     fuse,
@@ -209,3 +210,61 @@ def test_calibrate_f1_rule_is_explicit() -> None:
 def test_calibrate_unknown_rule_is_refused() -> None:
     with pytest.raises(TilecoreError, match="youden"):
         calibrate_threshold(np.array([0, 1]), np.array([0.1, 0.9]), "youden", 0.99)
+
+
+# --- synthetic anomalies: balanced F1 ----------------------------------------------------------------------
+
+
+def balanced_f1(normal: np.ndarray, anomalous: np.ndarray, threshold: float) -> float:
+    """F1 of 'anomalous when score >= threshold' with each normal weighted len(anomalous) / len(normal)."""
+    tp = float(np.sum(anomalous >= threshold))
+    fp = float(np.sum(normal >= threshold)) * len(anomalous) / len(normal)
+    return 2 * tp / (tp + fp + len(anomalous))
+
+
+def test_balanced_f1_threshold_hand_worked() -> None:
+    # normals 0, 1, 2, 3; anomalies 2.5, 4, 5, 6 (each normal weighs 1): t = 4 gives tp 3, fp 0, F1 6/7;
+    # t = 2.5 gives tp 4, fp 1, F1 8/9, the best; the threshold sits midway to the next lower score, 2
+    threshold = balanced_f1_threshold(np.array([0.0, 1.0, 2.0, 3.0]), np.array([2.5, 4.0, 5.0, 6.0]))
+    assert threshold == pytest.approx(2.25)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_f1_threshold_maximises_balanced_f1(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    normal = rng.normal(0.0, 1.0, size=6)
+    anomalous = rng.normal(1.5, 1.5, size=30)  # five times as many: the weighting must not favour them
+    threshold = balanced_f1_threshold(normal, anomalous)
+    candidates = np.unique(np.concatenate([normal, anomalous]))
+    best = max(balanced_f1(normal, anomalous, t) for t in candidates)
+    assert balanced_f1(normal, anomalous, threshold) == pytest.approx(best)
+
+
+def test_balanced_f1_does_not_depend_on_how_many_anomalies_were_painted() -> None:
+    normal = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    anomalous = np.array([1.2, 2.8, 3.0, 3.5])
+    once = balanced_f1_threshold(normal, anomalous)
+    assert balanced_f1_threshold(normal, np.tile(anomalous, 5)) == pytest.approx(once)
+    assert balanced_f1_threshold(np.tile(normal, 3), anomalous) == pytest.approx(once)
+
+
+def test_calibrate_auto_uses_synthetic_anomalies_without_real_ones() -> None:
+    normal = np.array([0.0, 1.0, 2.0, 3.0])
+    synthetic = np.array([2.5, 4.0, 5.0, 6.0])
+    threshold, how = calibrate_threshold(np.zeros(4), normal, "auto", 0.99, synthetic)
+    assert threshold == pytest.approx(balanced_f1_threshold(normal, synthetic))
+    assert how.startswith("synthetic balanced f1") and "4 normal" in how and "4 synthetic" in how
+    # real anomalous validation images still come first
+    labels = np.array([0, 0, 1, 1])
+    _, how = calibrate_threshold(labels, np.array([0.1, 0.2, 0.8, 0.9]), "auto", 0.99, synthetic)
+    assert how == "f1"
+    # and the quantile rule ignores the synthetic scores
+    threshold, how = calibrate_threshold(np.zeros(4), normal, "quantile", 0.5, synthetic)
+    assert (threshold, how) == (pytest.approx(1.5), "quantile 0.5")
+
+
+def test_calibrate_synthetic_rule_needs_synthetic_scores() -> None:
+    with pytest.raises(TilecoreError, match="no synthetic anomaly scores"):
+        calibrate_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3]), "synthetic", 0.99, None)
+    with pytest.raises(TilecoreError, match="balanced F1 needs both"):
+        balanced_f1_threshold(np.array([0.1]), np.zeros(0))
