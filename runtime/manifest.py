@@ -29,6 +29,7 @@ from typing import Any
 
 from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_bytes, sha256_file
+from tilecore.runtime.bundle_files import DIGEST_FILE, MANIFEST_FILE, NOT_IN_FILES, SIGNATURE_FILE  # noqa: F401
 from tilecore.runtime.calibration import FUSION_RULES, MIN_CALIBRATION_IMAGES, NormalStats
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import INDEX_KINDS, RULE_NEAREST, RULE_REWEIGHTED
@@ -36,14 +37,10 @@ from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, Memb
 from tilecore.runtime.preprocess import RESIZE_RULE, Preprocess
 from tilecore.runtime.tiling import TileGrid, tile_grid
 
-MANIFEST_FILE = "manifest.json"
-DIGEST_FILE = "manifest.sha256"  # sha256 of manifest.json, `sha256sum -c` format
-SIGNATURE_FILE = "manifest.sig"  # a signature over manifest.json (export --sign, run --trust)
 FORMAT = "tilecore-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: `identity` (name, version, created, fingerprints)
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8", "int8+fp16")
 DISTANCES = ("euclidean",)
-NOT_IN_FILES = (MANIFEST_FILE, DIGEST_FILE, SIGNATURE_FILE)  # cover the manifest, so not listed in it
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -278,7 +275,13 @@ class IndexRecord:
 
 
 def _read_preprocess(f: Fields) -> Preprocess:
-    spec = Preprocess(f.integer("height", 1), f.integer("width", 1), f.numbers("mean", 3), f.numbers("std", 3, 0.0))
+    from tilecore.runtime.image_io import BIT_DEPTHS
+
+    depth = f.value("bit_depth", "a bit depth") if f.has("bit_depth") else 8  # older bundles: 8-bit files only
+    if depth not in BIT_DEPTHS or isinstance(depth, bool | float):
+        f.fail("bit_depth", f"one of {list(BIT_DEPTHS)}", depth)
+    size_and_stats = (f.integer("height", 1), f.integer("width", 1), f.numbers("mean", 3), f.numbers("std", 3, 0.0))
+    spec = Preprocess(*size_and_stats, bit_depth=depth)
     f.string("resize", (RESIZE_RULE,))
     f.string("channel_order", ("RGB",))
     f.string("layout", ("NCHW",))
@@ -420,20 +423,74 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Recalibration:
+    """How `tilecore calibrate` re-derived a bundle's thresholds from known-good images (runtime.recalibrate)."""
+
+    images: int  # good images scored
+    images_sha256: str  # fingerprint of those images: sha256 over their sorted file sha256s
+    target_fpr: float  # at most this fraction of them flagged
+    fpr: float  # the fraction flagged at the new image threshold
+    pixel_quantile: float  # the new pixel threshold: this quantile of their anomaly-map pixels
+    created: str  # UTC time, ISO 8601
+    previous: Thresholds  # the thresholds it replaced (without their own record)
+    source: str = "calibrate"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "images": self.images,
+            "images_sha256": self.images_sha256,
+            "target_fpr": self.target_fpr,
+            "fpr": self.fpr,
+            "pixel_quantile": self.pixel_quantile,
+            "created": self.created,
+            "previous": self.previous.to_dict(),
+        }
+
+    @classmethod
+    def read(cls, f: Fields) -> Recalibration:
+        record = cls(
+            images=f.integer("images", 1),
+            images_sha256=f.string("images_sha256"),
+            target_fpr=f.number("target_fpr", 0.0, 1.0, above=True),
+            fpr=f.number("fpr", 0.0, 1.0),
+            pixel_quantile=f.number("pixel_quantile", 0.0, 1.0, above=True),
+            created=f.string("created"),
+            previous=Thresholds.read(f.object("previous")),
+            source=f.string("source", ("calibrate",)),
+        )
+        if not _SHA256.fullmatch(record.images_sha256):
+            f.fail("images_sha256", "a sha256 (64 lowercase hex digits)", record.images_sha256)
+        f.end()
+        return record
+
+
+@dataclass(frozen=True)
 class Thresholds:
-    """The calibrated image-score and pixel thresholds, and how each was chosen."""
+    """The calibrated image-score and pixel thresholds, and how each was chosen; `recalibrated` when
+    `tilecore calibrate` set them on good images from the line (absent: the training run's)."""
 
     image: float
     pixel: float
     image_rule: str = ""
     pixel_rule: str = ""
+    recalibrated: Recalibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "image_rule": self.image_rule, "pixel": self.pixel, "pixel_rule": self.pixel_rule}
+        raw = {"image": self.image, "image_rule": self.image_rule, "pixel": self.pixel, "pixel_rule": self.pixel_rule}
+        if self.recalibrated is not None:
+            raw["recalibrated"] = self.recalibrated.to_dict()
+        return raw
 
     @classmethod
     def read(cls, f: Fields) -> Thresholds:
-        thresholds = cls(f.number("image"), f.number("pixel"), f.string("image_rule"), f.string("pixel_rule"))
+        thresholds = cls(
+            f.number("image"),
+            f.number("pixel"),
+            f.string("image_rule"),
+            f.string("pixel_rule"),
+            _optional(f, "recalibrated", Recalibration.read),
+        )
         f.end()
         return thresholds
 
@@ -636,6 +693,60 @@ class ReducedPrecision:
         return cls(floor, int8, bf16)
 
 
+# --- the bundle's identity ---------------------------------------------------------------------------
+
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which model a bundle is (export/identity.py): a name and version the user gives, when it was made, and
+    fingerprints of what made it. `training_data_sha256`: sha256 over the sorted relative names and bytes of
+    the run's training and validation images (None: a run trained before tilecore recorded it);
+    `config_sha256`: sha256 of the run config's canonical JSON."""
+
+    name: str
+    version: str
+    created: str  # UTC time, ISO 8601 with a Z, e.g. 2026-12-02T12:00:00Z
+    training_data_sha256: str | None
+    training_images: int  # how many images that fingerprint covers (0 when it is None)
+    config_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "training_data_sha256": self.training_data_sha256,
+            "training_images": self.training_images,
+            "config_sha256": self.config_sha256,
+        }
+
+    @classmethod
+    def read(cls, f: Fields) -> Identity:
+        data = f.string("training_data_sha256") if f.has("training_data_sha256") else None
+        identity = cls(
+            f.string("name"),
+            f.string("version"),
+            f.string("created"),
+            data,
+            f.integer("training_images", 0),
+            f.string("config_sha256"),
+        )
+        for key in ("name", "version"):
+            value = getattr(identity, key)
+            if not value or not value.isprintable() or value != value.strip():
+                f.fail(key, "a non-empty printable string without surrounding spaces", value)
+        if not _CREATED.fullmatch(identity.created):
+            f.fail("created", "a UTC time like 2026-12-02T12:00:00Z", identity.created)
+        for key in ("training_data_sha256", "config_sha256"):
+            value = getattr(identity, key)
+            if value is not None and not _SHA256.fullmatch(value):
+                f.fail(key, "a sha256 (64 lowercase hex digits)", value)
+        f.end()
+        return identity
+
+
 # --- the manifest -------------------------------------------------------------------------------------
 
 
@@ -656,6 +767,7 @@ class Manifest:
     files: dict[str, str]  # plain file name -> sha256
     tensorrt: tuple[EngineRecord, ...] = ()  # engines tied to a GPU model + TensorRT version
     reduced_precision: ReducedPrecision | None = None
+    identity: Identity | None = None  # name, version, created, fingerprints; every bundle read or written has one
 
     @property
     def graphs(self) -> set[str]:
@@ -668,6 +780,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "tilecore_version": self.tilecore_version,
             "category": self.category,
+            **({"identity": self.identity.to_dict()} if self.identity is not None else {}),
             "source_run": self.source_run,
             "created_with": dict(self.created_with),
             "image_size": list(self.image_size),
@@ -716,6 +829,7 @@ class Manifest:
             files=dict(files),
             tensorrt=tuple(EngineRecord.read(g) for g in f.objects("tensorrt")) if f.has("tensorrt") else (),
             reduced_precision=_optional(f, "reduced_precision", ReducedPrecision.read),
+            identity=Identity.read(f.object("identity")),
         )
         f.end()
         manifest.check_consistent(f)
@@ -892,3 +1006,19 @@ def read_checked(bundle: str | Path, manifest: Manifest, name: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != expected:
         raise TilecoreError(f"{where}: {name} is corrupt or altered (sha256 mismatch)")
     return data
+
+
+def verify_bundle(folder: str | Path, public_key: str | Path | Any, check_files: bool = True) -> Any:
+    """Refuse, in one line, a bundle that is unsigned, signed by another key, or changed after signing;
+    returns its runtime.signing.Signature. `public_key`: a key file or a signing.TrustedKey.
+
+    The signature covers manifest.json; with `check_files` (read_manifest) every file it lists is also
+    checked against its sha256. Here, not in runtime.signing, so that signing never imports the manifest.
+    """
+    from tilecore.runtime.signing import read_manifest_bytes, read_signature, verify_manifest_bytes
+
+    folder = Path(folder)
+    if check_files:
+        read_manifest(folder, trust=public_key)  # verifies the signature over the very bytes it parses
+        return read_signature(folder)
+    return verify_manifest_bytes(folder, read_manifest_bytes(folder), public_key)

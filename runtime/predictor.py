@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from tilecore.runtime.engine import BundleGraph, Engine, EngineOptions, open_engine
+from tilecore.runtime import check_single_stack
+from tilecore.runtime.engines.base import BundleGraph, Engine, EngineOptions
+from tilecore.runtime.engines.opener import open_engine
 from tilecore.runtime.errors import TilecoreError
-from tilecore.runtime.knn import BankScorer, read_bank_index
-from tilecore.runtime.manifest import Manifest, read_checked, read_manifest
+from tilecore.runtime.knn import BankScorer, read_bank_index, set_knn_threads
+from tilecore.runtime.knn_gpu import place_on_device
+from tilecore.runtime.manifest import Manifest, Thresholds, read_checked, read_manifest
 from tilecore.runtime.merge import ensemble_result, score_locations
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
 from tilecore.runtime.stage_timer import StageTimer
@@ -32,39 +34,7 @@ class Result:
     mask: np.ndarray  # [H, W] bool: anomaly_map >= the calibrated pixel threshold
     timings_ms: dict[str, float] = field(default_factory=dict)
     rechecked: bool = False  # scored again in fp32 because the reduced-precision score was near the threshold
-
-
-class SerialGpuIndex:
-    """A FAISS GPU index searched by one thread at a time. FAISS's GPU indexes, and the resource object
-    they share, are not thread-safe even for search (its CPU indexes are), so all share one lock."""
-
-    def __init__(self, index: faiss.Index, lock: threading.Lock) -> None:
-        self.index, self.lock = index, lock
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        with self.lock:
-            return self.index.search(queries, k)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.index, name)
-
-
-def move_indexes_to_gpu(scorers: list[BankScorer], device: str, gpu_id: int) -> str:
-    """Put every index on one GPU through one shared FAISS resource object, when faiss-gpu sees a GPU."""
-    if device == "cpu" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= gpu_id:
-        return "cpu"
-    resources = faiss.StandardGpuResources()  # one for all indexes: a resource object per index exhausts memory
-    resources.setTempMemory(256 * 1024 * 1024)
-    lock = threading.Lock()  # the resources' one user at a time (SerialGpuIndex)
-    moved: dict[int, faiss.Index] = {}
-    for scorer in {id(s): s for s in scorers}.values():  # stacked banks repeat one scorer: visit it once
-        if id(scorer.index) not in moved:  # and scorers sharing an index move it once
-            try:
-                moved[id(scorer.index)] = SerialGpuIndex(faiss.index_cpu_to_gpu(resources, gpu_id, scorer.index), lock)
-            except RuntimeError:  # FAISS has no GPU version of this index kind (HNSW): it stays on the CPU
-                moved[id(scorer.index)] = scorer.index
-        scorer.index = moved[id(scorer.index)]
-    return f"cuda:{gpu_id}"
+    threshold: float | None = None  # the image threshold `label` was decided with (Predictor.thresholds.image)
 
 
 def engine_file(manifest: Manifest, engine: str, precision: str) -> str:
@@ -110,6 +80,51 @@ def recheck_margin(manifest: Manifest, precision: str, recheck: float | str | No
     return margin
 
 
+@dataclass(frozen=True)
+class RunThresholds:
+    """The thresholds a run decides with, where each came from ("bundle" or "run"), and the bundle's own."""
+
+    image: float
+    pixel: float
+    image_rule: str
+    pixel_rule: str
+    image_source: str
+    pixel_source: str
+    bundle: Thresholds
+
+    def to_dict(self) -> dict:
+        """What summary.json records."""
+        raw = {
+            "image": self.image,
+            "image_rule": self.image_rule,
+            "image_source": self.image_source,
+            "pixel": self.pixel,
+            "pixel_rule": self.pixel_rule,
+            "pixel_source": self.pixel_source,
+            "bundle_image": self.bundle.image,
+            "bundle_pixel": self.bundle.pixel,
+        }
+        if self.bundle.recalibrated is not None:
+            raw["recalibrated"] = self.bundle.recalibrated.to_dict()
+        return raw
+
+
+def run_thresholds(bundle: Thresholds, image: float | None, pixel: float | None) -> RunThresholds:
+    """The bundle's thresholds with a run's overrides (`tilecore run --threshold / --pixel-threshold`)."""
+    for flag, value in (("--threshold", image), ("--pixel-threshold", pixel)):
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+            raise TilecoreError(f"{flag} {value}: expected a finite number")
+    return RunThresholds(
+        image=bundle.image if image is None else float(image),
+        pixel=bundle.pixel if pixel is None else float(pixel),
+        image_rule=bundle.image_rule if image is None else f"set for this run (bundle: {bundle.image:.6g})",
+        pixel_rule=bundle.pixel_rule if pixel is None else f"set for this run (bundle: {bundle.pixel:.6g})",
+        image_source="bundle" if image is None else "run",
+        pixel_source="bundle" if pixel is None else "run",
+        bundle=bundle,
+    )
+
+
 class Predictor:
     """A loaded bundle: engines, FAISS indexes, calibration and thresholds, ready to score images.
 
@@ -131,6 +146,8 @@ class Predictor:
         engines: dict[str, Engine] | None = None,
         streams: int = 1,
         trust: str | Path | None = None,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
     ) -> None:
         """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
         threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
@@ -139,19 +156,24 @@ class Predictor:
         the exporter and the measurement tools run an emulated bf16 engine on a CPU without bf16).
         `streams`: OpenVINO's parallel inference streams (EngineOptions.streams).
         `trust`: an Ed25519 public key file; the bundle must carry a valid signature by it (runtime.signing),
-        checked before anything is loaded."""
+        checked before anything is loaded.
+        `threshold`, `pixel_threshold`: replace the bundle's image / pixel threshold for this run
+        (`thresholds`, a RunThresholds, records which came from where)."""
+        check_single_stack()  # CPU and GPU wheels side by side: one line, before any engine or index loads
         self.bundle = Path(bundle)
         # signature and digest now; each file's sha256 as it is read, below (read_checked)
         self.manifest = read_manifest(self.bundle, verify=False, trust=trust)
         if threads:
-            faiss.omp_set_num_threads(threads)
+            set_knn_threads(threads)
         m = self.manifest
         where = f"bundle {self.bundle}"
         self.grid = m.tiling.tile_grid()
         self.input_hw = m.tiling.backbone_input
         self.rule = m.postprocess.rule
+        self.bit_depth = m.members[0].preprocess.bit_depth  # how image files are read (runtime.image_io.to_uint8)
         self.calibrations = list(m.calibration.members)
-        self.thresholds = m.thresholds  # Thresholds: .image, .pixel
+        self.bundle_thresholds = m.thresholds  # Thresholds: .image, .pixel, as calibrated
+        self.thresholds = run_thresholds(m.thresholds, threshold, pixel_threshold)  # what this run decides with
         self.recheck = recheck_margin(m, precision, recheck)
         graphs = m.graphs
         options = EngineOptions(device, threads, max_batch, precision, gpu_id, streams=streams)
@@ -178,7 +200,7 @@ class Predictor:
                 for name in set(member.banks)
             }
             self.members.append((member, [scorers[name] for name in member.banks]))
-        self.knn_device = move_indexes_to_gpu([s for _, scorers in self.members for s in scorers], device, gpu_id)
+        self.knn_device = place_on_device([s for _, scorers in self.members for s in scorers], device, gpu_id)
 
     def open_graph(self, name: str, options: EngineOptions) -> Engine:
         """The engine of bundle graph `name`, loaded from its checked bytes (or native TensorRT's checked plan)."""
@@ -239,9 +261,27 @@ class Predictor:
             labels = scores >= self.thresholds.image
             masks = maps >= self.thresholds.pixel
         return [
-            Result(float(score), bool(label), anomaly_map, mask)
+            Result(float(score), bool(label), anomaly_map, mask, threshold=self.thresholds.image)
             for score, label, anomaly_map, mask in zip(scores, labels, maps, masks, strict=True)
         ]
 
-    def predict(self, image: np.ndarray) -> Result:
-        return self.predict_batch([image])[0]
+    def predict(self, image: np.ndarray | str | Path) -> Result:
+        """One image: a file path (str or Path, read as the bundle's preprocessing says) or an RGB uint8
+        array [H, W, 3] of any size; anything else is refused in one line."""
+        return self.predict_batch([input_rgb(image, self.bit_depth)])[0]
+
+
+def input_rgb(image: object, bit_depth: str | int = "auto") -> np.ndarray:
+    """`Predictor.predict`'s input as RGB uint8 [H, W, 3]: a path is read (runtime.image_io), an array checked."""
+    if isinstance(image, str | Path):
+        from tilecore.runtime.image_io import read_rgb
+
+        return read_rgb(image, bit_depth=bit_depth)  # missing or unreadable: TilecoreError naming the file
+    if not isinstance(image, np.ndarray):
+        raise TilecoreError(f"predict: expected an image path or an RGB uint8 array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise TilecoreError(
+            f"predict: expected an RGB uint8 array [H, W, 3], got {image.dtype} {list(image.shape)} "
+            "(read files with a path, or convert with runtime.image_io.to_rgb)"
+        )
+    return image

@@ -1,4 +1,4 @@
-"""The `tilecore` command line: data synth, train, eval, export, run, bench, keygen.
+"""The `tilecore` command line: data synth, train, eval, export, run, calibrate, bench, keygen.
 
 User mistakes (TilecoreError) print one line and exit with status 2; heavy libraries are imported
 inside the commands so `tilecore --help` stays fast and runtime-only installs keep working.
@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from tilecore.progress import LineProgress, progress_display
+from tilecore.runtime.engines import table as engine_table
 from tilecore.runtime.errors import TilecoreError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -26,25 +28,46 @@ data_app = typer.Typer(no_args_is_help=True, help="Build datasets.")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
+# Commands that need an extra beyond `runtime`, and the extra each missing module belongs to; a missing one
+# is named in one line (main) instead of a traceback.
+COMMAND_EXTRAS = {"train": ("train",), "eval": ("train",), "export": ("train", "export"), "data": ("train",)}
+COMMAND_MODULES = {  # looked for (not imported) before the command runs, so no other refusal comes first
+    "train": ("torch", "timm"),
+    "eval": ("torch", "timm"),
+    "export": ("torch", "timm", "onnx"),
+    "data": ("skimage",),
+}
+MODULE_EXTRAS = {
+    **dict.fromkeys(("torch", "torchvision", "timm", "safetensors", "sklearn", "skimage"), "train"),
+    **dict.fromkeys(("onnx", "nncf", "onnxscript"), "export"),
+    "openvino": "openvino",
+    "matplotlib": "bench",
+}
+
+
+def show_version(value: bool) -> None:
+    if value:
+        import tilecore
+
+        typer.echo(f"tilecore {tilecore.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print tilecore's version.")
+    ] = False,
+) -> None:
+    """Ensemble visual anomaly detection: train on normal images, export a bundle, score with the lean runtime."""
+
 
 @contextmanager
-def progress_bar() -> Iterator[Progress]:
-    """A progress bar on stderr that stays when the work ends and vanishes when it fails, so a refusal
-    that comes mid-way is still the one `error:` line."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-    with progress:
-        try:
-            yield progress
-        except BaseException:
-            progress.live.transient = True  # stop() then erases the bar instead of printing it
-            raise
+def progress_bar() -> Iterator[Progress | LineProgress]:
+    """Progress on stderr: a bar on a terminal (erased when the command fails, so a refusal that comes
+    mid-way is still the one `error:` line), periodic plain lines in a log file or pipe."""
+    with progress_display(console) as progress:
+        yield progress
 
 
 @data_app.command("synth")
@@ -99,11 +122,13 @@ def train(
     with progress_bar() as progress:
         metadata = train_run(cfg, out, progress, member)
     for name, stats in metadata.get("categories", {}).items():
-        console.print(
+        line = (
             f"{name}: {stats['banks']} bank(s) per member, rows {stats['bank_sizes']}, "
             f"fit {stats['fit_seconds']:.1f} s, skipped {len(stats['skipped_images'])}"
         )
-    console.print(f"run written to {out} (weights: {metadata.get('weights_sources')})")
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    line = f"run written to {out} (weights: {metadata.get('weights_sources')}); evaluate it with `tilecore eval {out}`"
+    console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -121,7 +146,8 @@ def evaluate(run: Annotated[Path, typer.Argument(help="Run directory written by 
         table.add_column(key, justify="right")
     rows = [*report["categories"].items(), ("mean", report["mean"])]
     for name, metrics in rows:
-        table.add_row(name, *(f"{metrics[k]:.4f}" for k in METRIC_KEYS))
+        # pixel metrics need ground-truth masks: n/a where the dataset has none
+        table.add_row(name, *("n/a" if metrics[k] is None else f"{metrics[k]:.4f}" for k in METRIC_KEYS))
     Console().print(table)
 
 
@@ -132,12 +158,10 @@ def export(
     category: Annotated[str | None, typer.Option(help="Category to export (needed when the run has several).")] = None,
     index: Annotated[str, typer.Option(help="flat (exact), hnsw or ivfpq (approximate, recall measured).")] = "flat",
     tensorrt: Annotated[bool, typer.Option(help="Also build a TensorRT engine per backbone on this GPU.")] = False,
-    fp16: Annotated[bool, typer.Option(help="TensorRT: allow fp16 kernels.")] = False,
-    int8: Annotated[bool, typer.Option(help="TensorRT: int8 from a Q/DQ graph calibrated on training tiles.")] = False,
     workspace_gb: Annotated[float | None, typer.Option(help="TensorRT: builder workspace limit, GiB (2).")] = None,
     max_batch: Annotated[int | None, typer.Option(help="TensorRT: most tiles per engine call (8).")] = None,
     gpu_id: Annotated[int | None, typer.Option(help="TensorRT: CUDA device to build on (0).")] = None,
-    precision: Annotated[str, typer.Option(help="CPU engines besides fp32, comma-separated: int8, bf16.")] = "",
+    precision: Annotated[str, typer.Option(help=engine_table.export_precision_help())] = "",
     precision_floor: Annotated[float, typer.Option(help="Least label agreement with fp32 on validation.")] = 0.99,
     int8_max_error: Annotated[
         float | None,
@@ -146,15 +170,24 @@ def export(
     sign: Annotated[
         Path | None, typer.Option(help="Sign the bundle with this Ed25519 private key (`tilecore keygen`).")
     ] = None,
+    name: Annotated[str | None, typer.Option(help="The bundle's model name (default: the category).")] = None,
+    version: Annotated[str, typer.Option("--version", help="The bundle's model version.")] = "1",
 ) -> None:
     """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
+    from tilecore.export.identity import check_label
     from tilecore.export.tensorrt_build import TensorRTBuild, check_build_stack
     from tilecore.runtime.signing import load_private_key
+
+    check_label(version, "--version")
+    if name is not None:
+        check_label(name, "--name")
 
     if sign is not None:
         load_private_key(sign)  # a bad key file gets its one line now, before torch loads
 
-    asked = {"--fp16": fp16, "--int8": int8, "--workspace-gb": workspace_gb, "--max-batch": max_batch}
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    precisions, plan_precisions = engine_table.split_export_precisions(precisions, tensorrt)
+    asked = {"--workspace-gb": workspace_gb, "--max-batch": max_batch}
     asked = {flag: value for flag, value in {**asked, "--gpu-id": gpu_id}.items() if value not in (None, False)}
     if asked and not tensorrt:
         raise TilecoreError(f"{', '.join(asked)}: options of the TensorRT engine build; add --tensorrt")
@@ -162,8 +195,8 @@ def export(
     if tensorrt:
         defaults = TensorRTBuild()
         build = TensorRTBuild(
-            fp16,
-            int8,
+            "fp16" in plan_precisions,
+            "int8" in plan_precisions,
             defaults.workspace_gb if workspace_gb is None else workspace_gb,
             defaults.max_batch if max_batch is None else max_batch,
             defaults.gpu_id if gpu_id is None else gpu_id,
@@ -171,14 +204,30 @@ def export(
         check_build_stack(build)  # a machine without the GPU stack gets its one line now, before torch loads
     from tilecore.export.bundle import export_run
 
-    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
-    manifest = export_run(run, out, category, index, build, precisions, precision_floor, int8_max_error, sign)
+    manifest = export_run(
+        run, out, category, index, build, precisions, precision_floor, int8_max_error, sign, name=name, version=version
+    )
     engines = sorted(manifest.graphs)
     console.print(
         f"bundle written to {out}: {len(engines)} engine(s), "
         f"{sum(name.endswith('.faiss') for name in manifest.files)} index(es)"
         + (f", signed with {sign}" if sign is not None else "")
     )
+
+
+@app.command()
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `tilecore export`.")],
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for machines.")] = False,
+    trust: Annotated[Path | None, typer.Option(help="Also verify the signature with this Ed25519 public key.")] = None,
+) -> None:
+    """What a bundle is: name, version, fingerprints, members, tiling, thresholds, precisions, files, signature."""
+    import json
+
+    from tilecore.runtime.bundle_info import bundle_info, info_lines
+
+    described = bundle_info(bundle, trust)
+    typer.echo(json.dumps(described, indent=2) if json_out else "\n".join(info_lines(described)))
 
 
 @app.command("run")
@@ -189,11 +238,11 @@ def run_bundle(
         "predictions"
     ),
     device: Annotated[
-        str, typer.Option(help="auto, cpu, cuda, tensorrt (ONNX Runtime's EP), tensorrt-native or openvino.")
+        str, typer.Option(help=engine_table.device_help())
     ] = "auto",
     gpu_id: Annotated[int, typer.Option(help="CUDA device for engines and FAISS indexes.")] = 0,
     precision: Annotated[
-        str, typer.Option(help="Backbone precision: fp32, bf16 (openvino), int8 (a bundle's int8 graph), auto.")
+        str, typer.Option(help=engine_table.precision_help())
     ] = "fp32",
     recheck: Annotated[
         str | None,
@@ -207,7 +256,12 @@ def run_bundle(
     streams: Annotated[
         int, typer.Option(help="OpenVINO inference streams run in parallel, sharing --threads (openvino only).")
     ] = 1,
-    overlays: Annotated[bool, typer.Option(help="Write anomaly-map overlays.")] = False,
+    overlays: Annotated[
+        bool, typer.Option(help="Write overlays: heat map, colour bar, score, label, threshold, mask outline.")
+    ] = False,
+    side_by_side: Annotated[
+        bool, typer.Option(help="Overlays show the original on the left of the overlay (implies --overlays).")
+    ] = False,
     masks: Annotated[bool, typer.Option(help="Write binary anomaly masks.")] = False,
     trust: Annotated[
         Path | None, typer.Option(help="Refuse the bundle unless it is signed by this Ed25519 public key.")
@@ -216,6 +270,12 @@ def run_bundle(
         bool, typer.Option(help="Continue the run in --out: score only the inputs not yet in results.jsonl.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in --out.")] = False,
+    threshold: Annotated[
+        float | None, typer.Option(help="Image threshold for this run instead of the bundle's (recorded).")
+    ] = None,
+    pixel_threshold: Annotated[
+        float | None, typer.Option(help="Pixel (mask) threshold for this run instead of the bundle's (recorded).")
+    ] = None,
 ) -> None:
     """Score images with a bundle (no torch needed): one JSON line per image, a summary at the end."""
     from tilecore.runtime.predictor import Predictor
@@ -226,8 +286,9 @@ def run_bundle(
     if resume and overwrite:
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
     predictor = Predictor(
-        bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams, trust=trust
-    )
+        bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams, trust=trust,
+        threshold=threshold, pixel_threshold=pixel_threshold,
+    )  # fmt: skip
 
     def show(record: dict) -> None:
         if "error" in record:
@@ -237,19 +298,39 @@ def run_bundle(
                 soft_wrap=True,
             )
 
-    summary = run_stream(predictor, input, out, batch, overlays, masks, show, resume, overwrite)
-    console.print(
-        f"{summary['images']} images, {summary['anomalous']} anomalous, {summary['failed']} failed, "
-        f"{summary['images_per_second']} images/s on {', '.join(summary['providers'])}; results in {out}",
-        markup=False,
-    )
+    with progress_bar() as progress:
+        task = progress.add_task("run: starting", total=None)
+
+        def advance(running: dict) -> None:
+            progress.update(task, completed=running["images"] + running["failed"], description=run_counts(running))
+
+        overlays = overlays or side_by_side
+        summary = run_stream(
+            predictor, input, out, batch, overlays, masks, show, resume, overwrite, advance, side_by_side
+        )
+    console.print(escape(run_summary(summary, out, overlays, masks)), highlight=False, soft_wrap=True)
+
+
+def run_counts(summary: dict, prefix: str = "run: ") -> str:
+    """run: 120 scored (3 anomalous), 2 failed, 11.8 images/s"""
+    speed = summary["images_per_second"]
+    rate = f", {speed:.3g} images/s" if speed else ""
+    return f"{prefix}{summary['images']} scored ({summary['anomalous']} anomalous), {summary['failed']} failed{rate}"
+
+
+def run_summary(summary: dict, out: Path, overlays: bool, masks: bool) -> str:
+    """The last line of `tilecore run`: the counts, the speed, and where every output is."""
+    where = [f"results in {out / 'results.jsonl'}", f"summary in {out / 'summary.json'}"]
+    where += [f"{folder} in {out / folder}" for folder, asked in (("overlays", overlays), ("masks", masks)) if asked]
+    providers = ", ".join(summary["providers"]) or "no provider"
+    return f"{run_counts(summary, '')} on {providers}, {summary['seconds']:.1f} s; {'; '.join(where)}"
 
 
 @app.command()
 def bench(
     bundles: Annotated[list[Path], typer.Argument(help="Bundle folders; several compare setups in one run.")],
-    device: Annotated[str, typer.Option(help="Backends, comma-separated: cpu, openvino, pytorch, cuda, ...")] = "cpu",
-    precision: Annotated[str, typer.Option(help="Precisions, comma-separated: fp32, bf16, int8, auto.")] = "fp32",
+    device: Annotated[str, typer.Option(help=engine_table.bench_device_help())] = "cpu",
+    precision: Annotated[str, typer.Option(help=engine_table.bench_precision_help())] = "fp32",
     batch: Annotated[str, typer.Option(help="Batch sizes for throughput, comma-separated.")] = "1,8,16",
     images: Annotated[Path | None, typer.Option(help="Folder of input images; omitted: synthetic ones.")] = None,
     duration: Annotated[float, typer.Option(help="Upper bound in seconds for each figure.")] = 10.0,
@@ -307,6 +388,40 @@ def bench(
 
 
 @app.command()
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder to re-threshold (left unchanged).")],
+    good_images: Annotated[str, typer.Argument(help="Known-good images from the line: folder, glob or list file.")],
+    out: Annotated[Path, typer.Option(help="New bundle folder to create.")],
+    target_fpr: Annotated[float, typer.Option(help="Most good images flagged, a fraction (needs 1/x images).")] = 0.01,
+    pixel_quantile: Annotated[
+        float | None, typer.Option(help="Pixel threshold: this quantile of their map pixels (default: the bundle's).")
+    ] = None,
+    sign: Annotated[Path | None, typer.Option(help="Sign the new bundle with this Ed25519 private key.")] = None,
+    device: Annotated[str, typer.Option(help="Where to score: auto, cpu, cuda, openvino, ...")] = "auto",
+) -> None:
+    """New thresholds from good images (after a lighting or camera change), written as a new bundle."""
+    from tilecore.runtime.recalibrate import recalibrate
+
+    def skipped(name: str, reason: str) -> None:
+        console.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", highlight=False, soft_wrap=True)
+
+    outcome = recalibrate(bundle, good_images, out, target_fpr, pixel_quantile, sign, device, on_skip=skipped)
+    t = outcome.manifest.thresholds
+    record = t.recalibrated
+    lines = [
+        f"bundle written to {out}: image threshold {record.previous.image:.6g} -> {t.image:.6g} "
+        f"({record.fpr:.4g} of {record.images} good images flagged, target {record.target_fpr:g}), "
+        f"pixel threshold {record.previous.pixel:.6g} -> {t.pixel:.6g}; {len(outcome.skipped)} image(s) skipped",
+    ]
+    if outcome.signed:
+        lines.append(f"signed with {sign}")
+    elif outcome.was_signed:
+        lines.append(f"unsigned: {bundle}'s signature does not cover the new manifest; re-sign with --sign KEY")
+    for line in lines:
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+@app.command()
 def keygen(
     out: Annotated[Path, typer.Option(help="Folder for the key pair (created; existing keys are never replaced).")],
 ) -> None:
@@ -323,14 +438,56 @@ def keygen(
         console.print(escape(line), highlight=False, soft_wrap=True)
 
 
+def missing_extra(exc: ImportError) -> str | None:
+    """The one line for a module of an extra that is not installed, or None for any other import failure."""
+    module = (exc.name or "").split(".")[0]
+    extra = MODULE_EXTRAS.get(module)
+    if extra is None:
+        return None
+    words = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
+    command = " ".join(words[:2] if words[:1] == ["data"] else words[:1]) or "this command"
+    extras = [*COMMAND_EXTRAS.get(words[0] if words else "", ())]
+    extras += [extra] if extra not in extras else []
+    return (
+        f"tilecore {command} needs the '{extra}' extra: pip install 'tilecore[{','.join(extras)}]' "
+        f"(missing module {module})"
+    )
+
+
+def missing_module(argv: list[str]) -> ModuleNotFoundError | None:
+    """The first module the command in `argv` needs that is not installed (None: all there, or --help)."""
+    from importlib.util import find_spec
+
+    words = [arg for arg in argv if not arg.startswith("-")]
+    if not words or "--help" in argv:
+        return None
+    for module in COMMAND_MODULES.get(words[0], ()):
+        if find_spec(module) is None:
+            return ModuleNotFoundError(f"No module named {module!r}", name=module)
+    return None
+
+
 def main() -> None:
     log = logging.getLogger("tilecore")
     log.setLevel(logging.INFO)
-    log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    if console.is_terminal:
+        log.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    else:  # a log file: whole lines, no colours, no wrapping at 80 columns; StreamHandler flushes each one
+        console.width = 100_000
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        log.addHandler(handler)
     try:
+        if (missing := missing_module(sys.argv[1:])) is not None:
+            raise missing
         app()
     except TilecoreError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ImportError as exc:  # a runtime-only install asked for a command of another extra
+        if (message := missing_extra(exc)) is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as exc:  # a machine fault no command turned into a TilecoreError: still one line
         from tilecore.runtime.image_io import display_path  # any file name, printable

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -90,8 +91,33 @@ def test_an_old_format_version_is_refused_in_one_line(tiny: dict, tmp_path: Path
     raw["format_version"] = 1
     (bundle / MANIFEST_FILE).write_text(json.dumps(raw))
     (bundle / DIGEST_FILE).unlink()  # a version 1 bundle had no digest
-    with pytest.raises(TilecoreError, match="format version 1, this tilecore reads version 2; re-export"):
+    with pytest.raises(TilecoreError, match="format version 1, this tilecore reads version 3; re-export"):
         read_manifest(bundle)
+
+
+def test_a_version_2_bundle_without_identity_is_refused_in_one_line(tiny: dict, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny, tmp_path)
+    raw = raw_manifest(bundle)
+    raw["format_version"] = 2  # what tilecore wrote before bundles had an identity
+    del raw["identity"]
+    rewrite(bundle, raw)
+    with pytest.raises(TilecoreError, match="format version 2, this tilecore reads version 3; re-export") as caught:
+        read_manifest(bundle)
+    assert "\n" not in str(caught.value)
+    proc = run_cli("info", bundle, timeout=60)
+    assert_one_line_refusal(proc, r"format version 2, this tilecore reads version 3; re-export the bundle")
+
+
+def test_the_identity_names_the_model_and_its_origins(tiny: dict) -> None:
+    identity = read_manifest(tiny["bundle"]).identity
+    assert (identity.name, identity.version) == ("gravel", "1")  # export's defaults: the category, version 1
+    created = datetime.strptime(identity.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
+    run = tiny["bundle"].parent / "run"
+    config = json.loads((run / "config.json").read_text())
+    expected = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert identity.config_sha256 == expected
+    assert identity.training_data_sha256 is not None and identity.training_images == 8  # 6 train + 2 validation
 
 
 @pytest.mark.parametrize(
@@ -234,6 +260,13 @@ def set_path(raw: dict, path: str, value: object) -> None:
         ("members", {}, r"members: expected a list of objects \(at least 1\), got {}"),
         ("members.0.layer", ["x"], r"members\[0\]\.layer: unexpected field"),
         ("created_with.numpy", None, r"created_with\.numpy: expected a version string or integer, got None"),
+        ("identity", KeyError, r"identity: missing \(expected an object\)"),
+        ("identity.name", "", r"identity\.name: expected a non-empty printable string without surrounding spaces"),
+        ("identity.version", " 2", r"identity\.version: expected a non-empty printable string without surrounding"),
+        ("identity.created", "yesterday", r"identity\.created: expected a UTC time like 2026-12-02T12:00:00Z"),
+        ("identity.config_sha256", "abc", r"identity\.config_sha256: expected a sha256 \(64 lowercase hex digits\)"),
+        ("identity.training_images", -1, r"identity\.training_images: expected an integer >= 0, got -1"),
+        ("identity.signed_by", "me", r"identity\.signed_by: unexpected field"),
     ],
 )
 def test_wrong_fields_are_refused_by_path(tiny: dict, path: str, value: object, message: str) -> None:
