@@ -1,11 +1,11 @@
 """Try tilecore the way a careless user, a failing machine and an attacker would; write what happened.
 
-    .venv/bin/python tools/reliability.py --out docs
+    .venv/bin/python tools/reliability.py --out docs/results
 
 Builds its own small world in --work (a synthetic dataset, a tiny random-init resnet18 run, a bundle, a
 key pair), then runs each case as a subprocess through the `tilecore` CLI (or a short Python snippet
 where the case is an API one), and records the exit status, the last line on stderr and whether a
-traceback appeared. Writes reliability.json and reliability.md (docs/reliability.md).
+traceback appeared. Writes reliability.json and reliability.md (docs/results/reliability.md).
 Needs the train, export and dev extras.
 """
 
@@ -626,7 +626,7 @@ def write_report(rows: list[dict], out: Path, machine: str) -> None:
         "What tilecore does when it is handed a bad input, a failing machine or a tampered bundle. Every row",
         "comes from `tools/reliability.py`, which builds its own small world (a synthetic dataset, a tiny",
         "random-init resnet18 run, a bundle, a signed bundle, two key pairs) and runs each case as a",
-        'subprocess; rerun it with `.venv/bin/python tools/reliability.py --out docs`. "refused" means exit 2',
+        'subprocess; rerun it with `.venv/bin/python tools/reliability.py --out docs/results`. "refused" means exit 2',
         "with one line on stderr and no traceback; commands run in the script's work folder.",
         "",
         f"Last run: {made}. {sum(r['as_expected'] for r in rows)} of {len(rows)} cases as expected.",
@@ -661,7 +661,7 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/tilecore-reliability"))
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for reliability.md and .json")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for reliability.md and .json")
     parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     args = parser.parse_args()
     work = args.work.resolve()
