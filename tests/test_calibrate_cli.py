@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import ANSI, assert_one_line_refusal, describe, run_cli
+from tests.runtime.test_recalibrate import good_images
 from tests.runtime.test_run_stream import tiny_bundle
 from tilecore.runtime.manifest import SIGNATURE_FILE, read_manifest
 from tilecore.runtime.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, sign_bundle
@@ -22,12 +23,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def good(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ten good images and one unreadable file."""
-    folder = tmp_path_factory.mktemp("good")
-    for i, path in enumerate(sorted((bundle.parent / "data" / "gravel").glob("*/good/*.png"))[:10]):
-        shutil.copy(path, folder / f"{i:02d}.png")
-    (folder / "99_corrupt.png").write_bytes(b"")
-    return folder
+    return good_images(bundle, tmp_path_factory.mktemp("good"))
 
 
 def records(out: Path) -> list[dict]:

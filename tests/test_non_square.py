@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.train.test_run_checks import MEMBER  # the tiny random-init resnet18 member
 from tilecore.export.bundle import export_run
 from tilecore.runtime.manifest import read_manifest
 from tilecore.runtime.predictor import Predictor
@@ -17,13 +18,6 @@ from tilecore.train.config import config_from_dict
 from tilecore.train.evaluate import evaluate_run
 from tilecore.train.fit import train_run
 
-MEMBER = {
-    "backbone": "resnet18",
-    "layers": ["layer2", "layer3"],
-    "pretrained": False,
-    "pretrain_embed_dimension": 32,
-    "target_embed_dimension": 16,
-}
 SETUPS = {
     "untiled 48x96": ([48, 96], {}, (1, 1)),
     "ST4 64x112, last column padded": ([64, 112], {"preset": "ST4"}, (2, 4)),  # tiles 32: 112 = 3.5 tiles

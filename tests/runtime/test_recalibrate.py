@@ -74,16 +74,19 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_bundle(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def good(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ten good images (the tiny set's normals) and one that cannot be read."""
-    folder = tmp_path_factory.mktemp("good")
+def good_images(bundle: Path, folder: Path) -> Path:
+    """`folder` with ten good images (the tiny set's normals) and one that cannot be read."""
     normals = sorted((bundle.parent / "data" / "gravel").glob("*/good/*.png"))
+    assert len(normals) >= 10
     for i, path in enumerate(normals[:10]):
         shutil.copy(path, folder / f"{i:02d}.png")
     (folder / "99_corrupt.png").write_bytes(b"\x89PNG nonsense")
-    assert len(normals) >= 10
     return folder
+
+
+@pytest.fixture(scope="module")
+def good(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return good_images(bundle, tmp_path_factory.mktemp("good"))
 
 
 def test_recalibrate_writes_a_new_checked_bundle_and_leaves_the_old_one(
