@@ -427,7 +427,7 @@ class Recalibration:
     """How `tilecore calibrate` re-derived a bundle's thresholds from known-good images (runtime.recalibrate)."""
 
     images: int  # good images scored
-    images_sha256: str  # fingerprint of those images: sha256 over their sorted file sha256s
+    images_sha256: str  # fingerprint of those images: sha256 over the sorted sha256s of their decoded pixels
     target_fpr: float  # at most this fraction of them flagged
     fpr: float  # the fraction flagged at the new image threshold
     pixel_quantile: float  # the new pixel threshold: this quantile of their anomaly-map pixels
