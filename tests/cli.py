@@ -41,3 +41,35 @@ def assert_one_line_refusal(proc: subprocess.CompletedProcess, pattern: str) -> 
     assert len(lines) == 1 and lines[0].startswith("error:"), describe(proc)
     assert re.search(pattern, lines[0]), f"{pattern!r} not found in {lines[0]!r}"
     return lines[0]
+
+
+def run_cli_here(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`tilecore ARGS...` through the same entry point (tilecore.cli.main) in this process, with its exit status,
+    stdout and stderr, as run_cli returns them: no torch import to pay (seconds a command). For the cases whose
+    real-subprocess twin is tested elsewhere; not thread-safe (it sets sys.argv, the working folder, sys.stdout and
+    sys.stderr while it runs). A traceback the subprocess would print is raised here instead."""
+    import contextlib
+    import io
+    import logging
+    import os
+
+    from tilecore import cli
+
+    log = logging.getLogger("tilecore")
+    handlers, level, argv, here = list(log.handlers), log.level, sys.argv, os.getcwd()
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    try:
+        sys.argv = ["tilecore", *map(str, args)]
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        log.handlers[:] = handlers  # main() adds its handler on every call
+        log.setLevel(level)
+    return subprocess.CompletedProcess(["tilecore", *map(str, args)], status, out.getvalue(), err.getvalue())

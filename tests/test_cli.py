@@ -1,9 +1,11 @@
-"""End-to-end tests of the `tilecore` command line, each command run in a real subprocess.
+"""End-to-end tests of the `tilecore` command line.
 
 Every subprocess pays the torch import (seconds), so the runs that do not depend on each other (the
-main training run, the pretrained run, the broken-dataset run and every bad-input case) are started
+main training run, the pretrained run, the broken-dataset run and the bad-input cases) are started
 together by one session fixture; the checks that need a finished run (eval, resume, crash recovery)
-follow in file order on the main run.
+follow in file order on the main run. The main training run, its eval and the refusals that come before
+any backbone loads are real subprocesses; the other runs and refusals, and the resumed runs, go through the
+same entry point in this process (run_cli_here), which pays no torch import.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.cli import assert_one_line_refusal, describe, run_cli, toml_text
+from tests.cli import assert_one_line_refusal, describe, run_cli, run_cli_here, toml_text
 from tilecore.runtime.calibration import balanced_f1_threshold
 from tilecore.train.synth import build_synth_dataset
 
@@ -136,22 +138,25 @@ def jobs(dataset: Path, broken_dataset: Path, work: Path) -> dict[str, list[subp
     def train(config: Path, data: Path | str, out: str) -> list[str | Path]:
         return ["train", config, "--data", data, "--out", out]
 
-    steps = {
+    steps = {  # in subprocesses
         "fast": [train(fast, dataset, "runs/fast")],
-        "pretrained": [train(pretrained, dataset, "runs/pretrained")],
-        "broken": [train(fast, broken_dataset, "runs/broken"), ["eval", "runs/broken"]],
         "missing_dataset": [train(fast, "/nonexistent", "runs/missing_dataset")],
-        "empty_train": [train(fast, work / "empty", "runs/empty_train")],
         "unknown_key": [train(unknown_key, dataset, "runs/unknown_key")],
         "bad_type": [train(bad_type, dataset, "runs/bad_type")],
+        "eval_not_a_run": [["eval", "not_a_run"]],
+    }
+    here = {  # in this process, one after the other, while the subprocesses run
+        "pretrained": [train(pretrained, dataset, "runs/pretrained")],
+        "broken": [train(fast, broken_dataset, "runs/broken"), ["eval", "runs/broken"]],
+        "empty_train": [train(fast, work / "empty", "runs/empty_train")],
         "bad_backbone": [train(bad_backbone, dataset, "runs/bad_backbone")],
         # then the corrected config into the same --out
         "bad_layer": [train(bad_layer, dataset, "runs/bad_layer"), train(fast, dataset, "runs/bad_layer")],
-        "eval_not_a_run": [["eval", "not_a_run"]],
     }
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         futures = {name: pool.submit(run_steps, job, work) for name, job in steps.items()}
-        return {name: future.result() for name, future in futures.items()}
+        results = {name: [run_cli_here(*step, cwd=work) for step in job] for name, job in here.items()}
+        return results | {name: future.result() for name, future in futures.items()}
 
 
 @pytest.fixture(scope="session")
@@ -242,7 +247,7 @@ def test_eval_writes_metrics(fast_run: Path) -> None:
 def test_rerun_skips_trained_categories(fast_run: Path, dataset: Path, work: Path) -> None:
     before = bank_state(fast_run)
     assert sorted(before) == sorted(f"{c}/m0_t0_0.safetensors" for c in CATEGORIES)
-    proc = run_cli("train", "fast.toml", "--data", dataset, "--out", "runs/fast", cwd=work)
+    proc = run_cli_here("train", "fast.toml", "--data", dataset, "--out", "runs/fast", cwd=work)
     assert_ok(proc)
     assert bank_state(fast_run) == before
     stderr = plain(proc.stderr)
@@ -254,7 +259,7 @@ def test_rerun_skips_trained_categories(fast_run: Path, dataset: Path, work: Pat
 def test_rerun_with_a_different_config_fails(fast_run: Path, dataset: Path, work: Path) -> None:
     config = write_config(work / "other.toml", with_model(coreset_ratio=0.2))
     before = bank_state(fast_run)
-    proc = run_cli("train", config, "--data", dataset, "--out", "runs/fast", cwd=work)
+    proc = run_cli_here("train", config, "--data", dataset, "--out", "runs/fast", cwd=work)
     assert_one_line_refusal(proc, r"runs/fast: holds a run with a different config")
     assert bank_state(fast_run) == before
 
@@ -270,7 +275,7 @@ def test_interrupted_run_resumes_to_the_same_result(fast_run: Path, dataset: Pat
     (run / "metadata.json").write_text(json.dumps(metadata))
     brick_before = bank_state(run)["brick/m0_t0_0.safetensors"]
 
-    proc = run_cli("train", "fast.toml", "--data", dataset, "--out", "runs/crashed", cwd=work)
+    proc = run_cli_here("train", "fast.toml", "--data", dataset, "--out", "runs/crashed", cwd=work)
     assert_ok(proc)
     assert "brick m0 t0_0: bank already trained, skipping" in plain(proc.stderr)
     assert bank_state(run)["brick/m0_t0_0.safetensors"] == brick_before

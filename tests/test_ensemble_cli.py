@@ -1,4 +1,7 @@
-"""Multi-member tiled ensembles through the CLI: training, calibration, evaluation, kill-and-resume."""
+"""Multi-member tiled ensembles through the CLI: training, calibration, evaluation, kill-and-resume.
+
+The first training run and the killed one are real subprocesses; the other commands go through the same entry
+point in this process (run_cli_here), which saves the torch import each subprocess pays."""
 
 import json
 import signal
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tests.cli import assert_one_line_refusal, run_cli
+from tests.cli import assert_one_line_refusal, run_cli, run_cli_here
 from tests.test_cli import assert_ok, read_json, write_config
 from tests.train.test_metrics import brute_force_f1, pairwise_auroc
 from tilecore.runtime.calibration import balanced_f1_threshold
@@ -93,7 +96,7 @@ def pixel_truth(full_run: Path, category: str) -> tuple[dict[str, float], np.nda
 def test_ensemble_evaluates(full_run: Path, work: Path) -> None:
     from tilecore.train.metrics import aupro
 
-    assert_ok(run_cli("eval", "runs/full", cwd=work))
+    assert_ok(run_cli_here("eval", "runs/full", cwd=work))  # a subprocess in tests/test_cli.py
     metrics = read_json(full_run / "metrics.json")
     for category in CATEGORIES:
         values = metrics["categories"][category]
@@ -130,7 +133,7 @@ def test_killed_run_resumes_to_the_same_result(full_run: Path, work: Path) -> No
     assert 0 < len(bank_bytes(killed)) < len(CATEGORIES) * BANKS_PER_CATEGORY, "the kill came too late"
     assert not (killed / "gravel" / "calibration.json").exists()
 
-    assert_ok(run_cli("train", "ens.toml", "--data", "data", "--out", "runs/killed", cwd=work))
+    assert_ok(run_cli_here("train", "ens.toml", "--data", "data", "--out", "runs/killed", cwd=work))
     assert bank_bytes(killed) == bank_bytes(full_run)
     for category in CATEGORIES:
         assert read_json(killed / category / "calibration.json") == read_json(full_run / category / "calibration.json")
@@ -139,7 +142,9 @@ def test_killed_run_resumes_to_the_same_result(full_run: Path, work: Path) -> No
 
 def test_members_trained_separately_then_combined(full_run: Path, work: Path) -> None:
     for member in ("0", "1"):
-        assert_ok(run_cli("train", "ens.toml", "--data", "data", "--out", "runs/split", "--member", member, cwd=work))
+        assert_ok(
+            run_cli_here("train", "ens.toml", "--data", "data", "--out", "runs/split", "--member", member, cwd=work)
+        )
     split = work / "runs" / "split"
     assert bank_bytes(split) == bank_bytes(full_run)
     # the second member's run found every bank and calibrated
@@ -162,6 +167,6 @@ def test_members_trained_separately_then_combined(full_run: Path, work: Path) ->
 def test_bad_ensembles_fail_before_any_work(work: Path, change: dict, message: str) -> None:
     name = f"bad_{abs(hash(json.dumps(change, sort_keys=True)))}"
     write_config(work / f"{name}.toml", {**ENSEMBLE, **change})
-    proc = run_cli("train", f"{name}.toml", "--data", "data", "--out", f"runs/{name}", cwd=work)
+    proc = run_cli_here("train", f"{name}.toml", "--data", "data", "--out", f"runs/{name}", cwd=work)
     assert_one_line_refusal(proc, message)
     assert not (work / "runs" / name).exists()

@@ -1,4 +1,5 @@
-"""`tilecore keygen`, `export --sign`, `run --trust` and `bench --trust`, each in a real subprocess."""
+"""`tilecore keygen`, `export --sign`, `run --trust` and `bench --trust`, each in a real subprocess (but the
+fixture's signed export, which goes through the same entry point in this process and so pays no torch import)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import assert_one_line_refusal, run_cli
+from tests.cli import assert_one_line_refusal, run_cli, run_cli_here
 from tests.runtime.test_signing import TAMPERS
 from tests.tiny import tiny_run
 from tilecore.runtime.manifest import SIGNATURE_FILE
@@ -24,7 +25,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict:
     keygen = run_cli("keygen", "--out", root / "keys")
     assert keygen.returncode == 0, keygen.stderr
     private, public = root / "keys" / PRIVATE_KEY_FILE, root / "keys" / PUBLIC_KEY_FILE
-    export = run_cli("export", run, "--out", root / "bundle", "--sign", private)
+    export = run_cli_here("export", run, "--out", root / "bundle", "--sign", private)
     assert export.returncode == 0, export.stderr
     images = root / "images"
     images.mkdir()

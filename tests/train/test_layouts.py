@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import assert_one_line_refusal, run_cli, toml_text
+from tests.cli import assert_one_line_refusal, run_cli_here, toml_text
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import write_png
 from tilecore.train.data import Sample, detect_format, list_categories, load_category, split_normals
@@ -133,6 +133,6 @@ def test_cli_refuses_an_unknown_layout_in_one_line(tmp_path: Path) -> None:
     images(tmp_path / "data" / "stuff", ["a.png"])
     config = tmp_path / "c.toml"
     config.write_text(toml_text({"data": {"root": str(tmp_path / "data")}}))
-    proc = run_cli("train", config, "--out", tmp_path / "run")
+    proc = run_cli_here("train", config, "--out", tmp_path / "run")  # subprocess refusals: tests/test_cli.py
     assert_one_line_refusal(proc, r"no known layout; expected one of: mvtec")
     assert not (tmp_path / "run").exists()
