@@ -24,11 +24,13 @@ from tilecore.export.reduced_precision import DEFAULT_FLOOR, add_reduced_precisi
 from tilecore.export.staging import remove_stale_staging, stage_bundle
 from tilecore.export.tensorrt_build import BuildStack, TensorRTBuild, check_build_stack, engine_for_run
 from tilecore.runtime.artifacts import sha256_file
+from tilecore.runtime.cascade import Cascade
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import build_flat_index
 from tilecore.runtime.manifest import (
     NOT_IN_FILES,
     Calibration,
+    Coarse,
     EngineRecord,
     Identity,
     IndexRecord,
@@ -43,6 +45,7 @@ from tilecore.runtime.merge import MemberCalibration
 from tilecore.runtime.preprocess import Preprocess
 from tilecore.runtime.signing import load_private_key, sign_bundle
 from tilecore.runtime.tiling import TileGrid
+from tilecore.train.cascade_fit import describe, fit_cascade
 from tilecore.train.config import Config
 from tilecore.train.ensemble import CALIBRATION_FILE, bank_groups, bank_path, load_bank
 from tilecore.train.model import Embedder, grid_for, load_embedder
@@ -184,7 +187,13 @@ def write_tensorrt_plans(
 
 
 def build_manifest(
-    source: RunToExport, staging: Path, members: list[Member], trt_records: list[EngineRecord], identity: Identity
+    source: RunToExport,
+    staging: Path,
+    members: list[Member],
+    trt_records: list[EngineRecord],
+    identity: Identity,
+    cascade: Cascade | None = None,
+    coarse: Coarse | None = None,
 ) -> Manifest:
     """The bundle's manifest over what is staged so far: the one place its fields are filled in."""
     grid, calibration = source.grid, source.calibration
@@ -204,6 +213,8 @@ def build_manifest(
         files=file_checksums(staging),
         tensorrt=tuple(trt_records),  # engines tied to a GPU + TensorRT version
         identity=identity,  # name, version, created, fingerprints (export.identity)
+        cascade=cascade,  # members cheapest first with exit windows (runtime.cascade), or None
+        coarse=coarse,  # the spatial cascade's coarse stage (runtime.spatial, export.coarse), or None
     )
 
 
@@ -239,8 +250,16 @@ def export_run(
     sign_key: Path | None = None,
     name: str | None = None,
     version: str | None = None,
+    cascade: str | None = None,
+    coarse: Path | None = None,
 ) -> Manifest:
     """Export one category of `run_dir` to the bundle folder `out`; returns the manifest.
+
+    `coarse`: a single-member, single-tile run of the same data and image size; the bundle then carries
+    it as the spatial cascade's coarse stage, which decides which tiles run (export.coarse).
+
+    `cascade` (auto, off; default the run config's cascade.mode): with auto, an ensemble's bundle carries
+    an early-exit cascade whose windows are set on the run's validation scores (train.cascade_fit).
 
     `precisions` (int8, bf16) adds reduced-precision engines for CPUs, each checked against fp32 on the
     validation split (export.reduced_precision); `int8_max_error` trades int8 speed for accuracy.
@@ -248,7 +267,7 @@ def export_run(
     With `tensorrt`, each ONNX graph also gets a TensorRT engine built on this GPU (export.tensorrt_build).
     With `sign_key` (an Ed25519 private key), the bundle is signed (runtime.signing) before it appears.
     """
-    stages = ["read run", "graphs and indexes"]
+    stages = ["read run", "graphs and indexes"] + ["coarse stage"] * (coarse is not None)
     stages += ["tensorrt plans"] * (tensorrt is not None) + ["manifest"]
     stages += ["reduced precisions"] * bool(precisions) + ["sign"] * (sign_key is not None) + ["commit"]
     progress = StageLog(stages)
@@ -260,6 +279,16 @@ def export_run(
     if out.exists():
         raise TilecoreError(f"bundle {out}: already exists; choose another --out or delete it")
     check_precisions(precisions, int8_max_error)
+    coarse_source = None
+    if coarse is not None:
+        from tilecore.export.coarse import read_coarse
+
+        if tensorrt is not None:
+            raise TilecoreError(f"--coarse {coarse} with --tensorrt: the coarse stage runs ONNX engines only")
+        coarse_source = read_coarse(coarse, source)
+    cascade_plan = fit_cascade(source.config, source.calibration, cascade, f"export {source.category}: cascade")
+    if cascade_plan is not None:
+        log.info("cascade: %s", describe(cascade_plan))
     trt_stack = check_build_stack(tensorrt) if tensorrt is not None else None  # fail fast, before the long work
     signer = load_private_key(sign_key) if sign_key is not None else None  # a bad key file fails fast too
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,12 +301,18 @@ def export_run(
         for i in range(len(source.config.members)):
             progress.start("graphs and indexes", f"member {i + 1} of {len(source.config.members)}")
             members.append(write_member(source, i, staging, index_kind, graphs))
+        coarse_record = None
+        if coarse_source is not None:
+            from tilecore.export.coarse import write_coarse
+
+            progress.start("coarse stage")
+            coarse_record = write_coarse(source, coarse_source, staging)
         trt_records = []
         if tensorrt is not None:
             progress.start("tensorrt plans")
             trt_records = write_tensorrt_plans(source, staging, graphs, tensorrt, trt_stack)
         progress.start("manifest")
-        manifest = build_manifest(source, staging, members, trt_records, identity)
+        manifest = build_manifest(source, staging, members, trt_records, identity, cascade_plan, coarse_record)
         write_manifest(staging, manifest)
         if precisions:
             progress.start("reduced precisions")

@@ -107,8 +107,9 @@ def score_difference(reference: np.ndarray, candidate: np.ndarray, threshold: fl
 def validation_scores(
     bundle: Path, images: list[np.ndarray], device: str, precision: str, engines: dict[str, Engine] | None = None
 ) -> np.ndarray:
-    """The runtime's image scores of `images` on `device`, or with `engines` already opened."""
-    predictor = Predictor(bundle, device=device, precision=precision, engines=engines)
+    """The full ensemble's image scores of `images` on `device` (every member: a precision is checked on
+    the scores it changes, not on a cascade's exits), or with `engines` already opened."""
+    predictor = Predictor(bundle, device=device, precision=precision, engines=engines, cascade=False)
     return np.array([r.score for r in predictor.predict_batch(images)], dtype=np.float64)
 
 

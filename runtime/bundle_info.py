@@ -73,6 +73,8 @@ def bundle_info(bundle: str | Path, trust: str | Path | None = None) -> dict[str
             "recalibrated": t.recalibrated is not None,
         },
         "precisions": precisions(manifest),
+        "cascade": None if manifest.cascade is None else manifest.cascade.to_dict(),
+        "coarse": None if manifest.coarse is None else manifest.coarse.to_dict(),
         "files": {"count": len(names), "bytes": sum((bundle / name).stat().st_size for name in names)},
         "signed": signature,
     }
@@ -117,6 +119,29 @@ def info_lines(info: dict[str, Any]) -> list[str]:
         f"thresholds image {t['image']:.6g} ({t['image_rule']}), pixel {t['pixel']:.6g} ({t['pixel_rule']})"
         + (", recalibrated" if t["recalibrated"] else "")
     )
+    if info["cascade"] is not None:
+        c = info["cascade"]
+        for i, stage in enumerate(c["stages"]):
+            window = (
+                "runs the rest" if stage["window"] is None else "exit outside [{:.4g}, {:.4g}]".format(*stage["window"])
+            )
+            lines.append(
+                f"cascade {i + 1}  members {stage['members']}, {stage['gflops']:.3g} GFLOPs, {window}; "
+                f"{stage['exit_share']:.1%} of calibration images end here"
+            )
+        lines.append(
+            f"           agreement with the full ensemble {c['agreement']:.4f} on {c['calibration_images']} "
+            f"calibration images (target {c['target_agreement']}); `tilecore run --cascade off` runs all"
+        )
+    if info.get("coarse") is not None:
+        c = info["coarse"]
+        threshold = "none, every tile runs" if c["tile_threshold"] is None else f"{c['tile_threshold']:.4g}"
+        lines.append(
+            f"coarse     {c['member']['backbone']} on the whole image at {c['tiling']['backbone_input'][0]} x "
+            f"{c['tiling']['backbone_input'][1]} px picks the tiles (threshold {threshold}): {c['tile_share']:.1%} of "
+            f"tiles ran, agreement {c['agreement']:.4f} on {c['calibration_images']} calibration images "
+            f"(target {c['target_agreement']}); `tilecore run --cascade off` runs all"
+        )
     p = info["precisions"]
     lines.append(f"precisions onnx {', '.join(p['onnx'])}; tensorrt {', '.join(p['tensorrt']) or 'none'}")
     lines.append(f"files      {info['files']['count']}, {_size(info['files']['bytes'])} (every sha256 checked)")

@@ -31,14 +31,16 @@ from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_bytes, sha256_file
 from tilecore.runtime.bundle_files import DIGEST_FILE, MANIFEST_FILE, NOT_IN_FILES, SIGNATURE_FILE  # noqa: F401
 from tilecore.runtime.calibration import FUSION_RULES, MIN_CALIBRATION_IMAGES, NormalStats
+from tilecore.runtime.cascade import Cascade, CascadeStage
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import INDEX_KINDS, RULE_NEAREST, RULE_REWEIGHTED
 from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, MemberCalibration, MergeRule
 from tilecore.runtime.preprocess import RESIZE_RULE, Preprocess
+from tilecore.runtime.spatial import TileGate
 from tilecore.runtime.tiling import TileGrid, tile_grid
 
 FORMAT = "tilecore-bundle"
-FORMAT_VERSION = 3  # 3: `identity` (name, version, created, fingerprints)
+FORMAT_VERSION = 4  # 3: `identity` (name, version, created, fingerprints); 4: `cascade`, `coarse`
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8", "int8+fp16")
 DISTANCES = ("euclidean",)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -693,6 +695,83 @@ class ReducedPrecision:
         return cls(floor, int8, bf16)
 
 
+def _read_cascade_stage(f: Fields, last: bool) -> CascadeStage:
+    members = f.value("members", "a list of member indices")
+    if not isinstance(members, list) or not members or not all(_is_int(m) and m >= 0 for m in members):
+        f.fail("members", "a non-empty list of member indices", members)
+    window = None
+    if last:
+        if f.has("window"):
+            f.refuse("window", "the last stage has no window (every image it sees ends there)")
+    else:
+        window = f.numbers("window", 2)
+        if window[0] > window[1]:
+            f.fail("window", "[low, high] with low <= high", list(window))
+    stage = CascadeStage(tuple(members), window, f.number("gflops", 0.0), f.number("exit_share", 0.0, 1.0))
+    f.end()
+    return stage
+
+
+def _read_cascade(f: Fields) -> Cascade:
+    stages = f.objects("stages", at_least=2)
+    cascade = Cascade(
+        stages=tuple(_read_cascade_stage(g, i == len(stages) - 1) for i, g in enumerate(stages)),
+        target_agreement=f.number("target_agreement", 0.0, 1.0, above=True),
+        margin=f.number("margin", 0.0),
+        agreement=f.number("agreement", 0.0, 1.0),
+        calibration_images=f.integer("calibration_images", 1),
+    )
+    f.end()
+    return cascade
+
+
+@dataclass(frozen=True)
+class Coarse:
+    """The spatial cascade's coarse stage (runtime.spatial): one member over the whole image as one tile,
+    its calibration, the blur its maps were calibrated with, and the gate deciding which fine tiles run."""
+
+    member: Member  # one bank; its engine is deduplicated with the fine members' like any graph
+    tiling: Tiling  # one tile: the whole image, resized to backbone_input
+    calibration: MemberCalibration  # the coarse run's (calibration.json); its image stats make the z-map
+    blur_sigma: float  # the coarse run's tile-map blur
+    gate: TileGate
+    source_run: str  # informational: the coarse run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "member": self.member.to_dict(),
+            "tiling": self.tiling.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "blur_sigma": self.blur_sigma,
+            "source_run": self.source_run,
+            **self.gate.to_dict(),
+        }
+
+
+def _read_coarse(f: Fields) -> Coarse:
+    threshold = f.value("tile_threshold", "a finite number, or null (every tile runs)")
+    if threshold is not None and not _is_number(threshold):
+        f.fail("tile_threshold", "a finite number, or null (every tile runs)", threshold)
+    gate = TileGate(
+        tile_threshold=-math.inf if threshold is None else float(threshold),
+        target_agreement=f.number("target_agreement", 0.0, 1.0, above=True),
+        margin=f.number("margin", 0.0),
+        agreement=f.number("agreement", 0.0, 1.0),
+        tile_share=f.number("tile_share", 0.0, 1.0),
+        calibration_images=f.integer("calibration_images", 1),
+    )
+    coarse = Coarse(
+        member=Member.read(f.object("member")),
+        tiling=Tiling.read(f.object("tiling")),
+        calibration=_read_member_calibration(f.object("calibration")),
+        blur_sigma=f.number("blur_sigma", 0.0),
+        gate=gate,
+        source_run=f.string("source_run"),
+    )
+    f.end()
+    return coarse
+
+
 # --- the bundle's identity ---------------------------------------------------------------------------
 
 _CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -768,6 +847,8 @@ class Manifest:
     tensorrt: tuple[EngineRecord, ...] = ()  # engines tied to a GPU model + TensorRT version
     reduced_precision: ReducedPrecision | None = None
     identity: Identity | None = None  # name, version, created, fingerprints; every bundle read or written has one
+    cascade: Cascade | None = None  # early-exit stages over the members (runtime.cascade), set at export
+    coarse: Coarse | None = None  # the spatial cascade's coarse stage (runtime.spatial), set at export
 
     @property
     def graphs(self) -> set[str]:
@@ -794,6 +875,10 @@ class Manifest:
             raw["tensorrt"] = [record.to_dict() for record in self.tensorrt]
         if self.reduced_precision is not None:
             raw["reduced_precision"] = self.reduced_precision.to_dict()
+        if self.cascade is not None:
+            raw["cascade"] = self.cascade.to_dict()
+        if self.coarse is not None:
+            raw["coarse"] = self.coarse.to_dict()
         raw["files"] = dict(sorted(self.files.items()))
         return raw
 
@@ -830,6 +915,8 @@ class Manifest:
             tensorrt=tuple(EngineRecord.read(g) for g in f.objects("tensorrt")) if f.has("tensorrt") else (),
             reduced_precision=_optional(f, "reduced_precision", ReducedPrecision.read),
             identity=Identity.read(f.object("identity")),
+            cascade=_optional(f, "cascade", _read_cascade),
+            coarse=_optional(f, "coarse", _read_coarse),
         )
         f.end()
         manifest.check_consistent(f)
@@ -866,9 +953,41 @@ class Manifest:
                 if name not in self.graphs:
                     f.fail(f"reduced_precision.int8.{name}", f"one of the members' engines {sorted(self.graphs)}", name)
                 named.append((f"reduced_precision.int8.{name}.file", graph.file))
+        if self.cascade is not None:
+            self.check_cascade(f)
+        if self.coarse is not None:
+            named += self.check_coarse(f, count)
         for path, name in named:
             if name not in self.files:
                 f.refuse(path, f"{name!r} is not listed in files (every file a bundle uses needs its sha256 there)")
+
+    def check_cascade(self, f: Fields) -> None:
+        """Every member runs in exactly one stage, and every window contains the image threshold."""
+        order = sorted(self.cascade.order)
+        if order != list(range(len(self.members))):
+            f.fail("cascade.stages", f"each member index 0..{len(self.members) - 1} in exactly one stage", order)
+        for i, stage in enumerate(self.cascade.stages):
+            if stage.window is not None and not stage.window[0] <= self.thresholds.image <= stage.window[1]:
+                f.fail(f"cascade.stages[{i}].window", f"a window containing the image threshold "
+                       f"{self.thresholds.image:.6g}", list(stage.window))  # fmt: skip
+
+    def check_coarse(self, f: Fields, count: int) -> list[tuple[str, str]]:
+        """The coarse stage covers the bundle's image as one tile of a tiled bundle; returns its files."""
+        c = self.coarse
+        if count < 2:
+            f.refuse("coarse", "a coarse stage gates the tiles of a tiled bundle; this one has one tile")
+        if c.tiling.grid != (1, 1) or c.tiling.image != self.image_size:
+            f.fail("coarse.tiling", f"one tile over the image_size {list(self.image_size)}",
+                   {"image": list(c.tiling.image), "grid": list(c.tiling.grid)})  # fmt: skip
+        if (c.member.preprocess.height, c.member.preprocess.width) != self.image_size:
+            size = [c.member.preprocess.height, c.member.preprocess.width]
+            f.fail("coarse.member.preprocess", f"height, width = image_size {list(self.image_size)}", size)
+        if len(c.member.banks) != 1:
+            f.fail("coarse.member.banks", "1 file name (one tile location)", len(c.member.banks))
+        if len(c.calibration.per_location) != 1:
+            f.fail("coarse.calibration.per_location", "1 entry (one tile location)", len(c.calibration.per_location))
+        named = [("coarse.member.engine", c.member.engine)]
+        return named + [(f"coarse.member.indexes[{j}].file", r.file) for j, r in enumerate(c.member.indexes)]
 
 
 def version_refusal(where: str, version: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from tilecore.runtime.artifacts import atomic_write_bytes
@@ -56,12 +57,22 @@ def read_results(path: Path) -> tuple[list[dict], int]:
     return records, len(complete)
 
 
+EXIT_KEY = "exit_stage_"  # count_records' key prefix for the images that left a cascade at each stage
+
+
 def count_records(records: list[dict]) -> dict[str, int]:
+    """images, anomalous, failed; exit_stage_<k> for each cascade stage images left at; tiles_run: the fine
+    tile locations a coarse stage let run, summed."""
     scored = [r for r in records if "error" not in r]
+    exits = Counter(f"{EXIT_KEY}{r['exit_stage']}" for r in scored if isinstance(r.get("exit_stage"), int))
+    ran = [r["tiles_run"] for r in scored if isinstance(r.get("tiles_run"), int)]  # a coarse stage's choice
+    if ran:
+        exits["tiles_run"] = sum(ran)
     return {
         "images": len(scored),
         "anomalous": sum(r.get("label") == "anomalous" for r in scored),
         "failed": len(records) - len(scored),
+        **exits,
     }
 
 

@@ -15,14 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.runtime import check_single_stack
+from tilecore.runtime.cascade import run_cascade
 from tilecore.runtime.engines.base import BundleGraph, Engine, EngineOptions
 from tilecore.runtime.engines.opener import open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer, read_bank_index, set_knn_threads
 from tilecore.runtime.knn_gpu import place_on_device
 from tilecore.runtime.manifest import Manifest, Thresholds, read_checked, read_manifest
-from tilecore.runtime.merge import ensemble_result, score_locations
+from tilecore.runtime.merge import TileOutputs, ensemble_result, score_locations, tile_outputs
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
+from tilecore.runtime.spatial import (
+    coarse_tile_maxima,
+    coarse_zmaps,
+    run_spatial,
+    spatial_member_outputs,
+    tile_selection,
+)
 from tilecore.runtime.stage_timer import StageTimer
 
 
@@ -35,6 +43,8 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)
     rechecked: bool = False  # scored again in fp32 because the reduced-precision score was near the threshold
     threshold: float | None = None  # the image threshold `label` was decided with (Predictor.thresholds.image)
+    exit_stage: int | None = None  # with the bundle's cascade: the 1-based stage the image left at
+    tiles_run: int | None = None  # with the bundle's coarse stage: the fine tile locations this image ran
 
 
 def engine_file(manifest: Manifest, engine: str, precision: str) -> str:
@@ -148,6 +158,7 @@ class Predictor:
         trust: str | Path | None = None,
         threshold: float | None = None,
         pixel_threshold: float | None = None,
+        cascade: bool = True,
     ) -> None:
         """`recheck` (with a reduced `precision`): images whose score lies within this distance of the image
         threshold are scored again with the fp32 engines, which decide their score and label (a cascade:
@@ -158,7 +169,10 @@ class Predictor:
         `trust`: an Ed25519 public key file; the bundle must carry a valid signature by it (runtime.signing),
         checked before anything is loaded.
         `threshold`, `pixel_threshold`: replace the bundle's image / pixel threshold for this run
-        (`thresholds`, a RunThresholds, records which came from where)."""
+        (`thresholds`, a RunThresholds, records which came from where).
+        `cascade`: run the bundle's early-exit cascade where it has one (runtime.cascade: members cheapest
+        first, an image leaves at the first stage that is sure of its label) and its coarse stage
+        (runtime.spatial: a single-tile model picks the tiles the fine members run); False runs everything."""
         check_single_stack()  # CPU and GPU wheels side by side: one line, before any engine or index loads
         self.bundle = Path(bundle)
         # signature and digest now; each file's sha256 as it is read, below (read_checked)
@@ -175,6 +189,7 @@ class Predictor:
         self.bundle_thresholds = m.thresholds  # Thresholds: .image, .pixel, as calibrated
         self.thresholds = run_thresholds(m.thresholds, threshold, pixel_threshold)  # what this run decides with
         self.recheck = recheck_margin(m, precision, recheck)
+        self.cascade = m.cascade if cascade else None  # runtime.cascade.Cascade or None
         graphs = m.graphs
         options = EngineOptions(device, threads, max_batch, precision, gpu_id, streams=streams)
         if engines is None:
@@ -200,7 +215,26 @@ class Predictor:
                 for name in set(member.banks)
             }
             self.members.append((member, [scorers[name] for name in member.banks]))
-        self.knn_device = place_on_device([s for _, scorers in self.members for s in scorers], device, gpu_id)
+        self.coarse = m.coarse if cascade else None  # manifest.Coarse or None
+        all_scorers = [s for _, scorers in self.members for s in scorers]
+        if self.coarse is not None:
+            self.coarse_scorer = self.load_coarse(options, engines, where)
+            all_scorers.append(self.coarse_scorer)
+        self.knn_device = place_on_device(all_scorers, device, gpu_id)
+
+    def load_coarse(self, options: EngineOptions, engines: dict[str, Engine], where: str) -> BankScorer:
+        """The coarse stage's fp32 engine (a fine member's when it is the same graph) and its index's scorer."""
+        member = self.coarse.member
+        if member.engine in engines and options.precision == "fp32":
+            self.coarse_engine = engines[member.engine]
+        else:
+            self.coarse_engine = self.open_graph(member.engine, replace(options, precision="fp32"))
+        tile = np.zeros((1, 3, *self.coarse.tiling.backbone_input), dtype=np.float32)
+        member.check_embeddings(tuple(self.coarse_engine.run(tile).shape), where)
+        record = member.indexes[0]
+        index = read_bank_index(read_checked(self.bundle, self.manifest, record.file), record.file, record.rows,
+                                record.dim, where)  # fmt: skip
+        return BankScorer.from_index(index, member.scoring, member.num_neighbours, record.file)
 
     def open_graph(self, name: str, options: EngineOptions) -> Engine:
         """The engine of bundle graph `name`, loaded from its checked bytes (or native TensorRT's checked plan)."""
@@ -238,32 +272,108 @@ class Predictor:
         per_image_ms = own.per_image_ms(len(images))
         return [replace(r, timings_ms=dict(per_image_ms)) for r in results]
 
+    def member_outputs(self, index: int, images: list[np.ndarray], engines: dict, own: StageTimer) -> TileOutputs:
+        """Member `index`'s raw tile outputs for `images`, through its engine in `engines` and its indexes."""
+        member, scorers = self.members[index]
+        with own("preprocess"):
+            normalised = [normalise_rgb(image, member.preprocess) for image in images]  # [3, S, S] each
+        engine = engines[member.engine]
+
+        def embed(locations: list[int]) -> np.ndarray:
+            with own("tiling"):
+                tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
+            b, t = tiles.shape[:2]  # [B, T', 3, in_h, in_w]
+            with own(f"engine {member.engine}"):
+                embeddings = engine.run(tiles.reshape(b * t, *tiles.shape[2:]))  # [B*T', h, w, D]
+            return embeddings.reshape(b, t, *embeddings.shape[1:])
+
+        chunk = max(1, engine.max_batch // len(images))
+        return score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, own)
+
     def score(self, images: list[np.ndarray], engines: dict, own: StageTimer) -> list[Result]:
-        """predict_batch's single pass with `engines` (one per graph), timing into `own`."""
-        raw = []
-        for member, scorers in self.members:
-            with own("preprocess"):
-                normalised = [normalise_rgb(image, member.preprocess) for image in images]  # [3, S, S] each
-            engine = engines[member.engine]
+        """predict_batch's single pass with `engines` (one per graph), timing into `own`: every member, or
+        the cascade's stages (runtime.cascade.run_cascade) where the bundle has one and it is on."""
+        exit_stage, tiles_run = [None] * len(images), [None] * len(images)
+        if self.coarse is not None:
+            scores, maps, exit_stage, tiles_run = self.spatial_score(images, engines, own)
+        elif self.cascade is None:
+            raw = [self.member_outputs(i, images, engines, own) for i in range(len(self.members))]
+            with own("merge"):
+                scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
+        else:
 
-            def embed(locations: list[int], normalised=normalised, engine=engine, name=member.engine) -> np.ndarray:
-                with own("tiling"):
-                    tiles = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
-                b, t = tiles.shape[:2]  # [B, T', 3, in_h, in_w]
-                with own(f"engine {name}"):
-                    embeddings = engine.run(tiles.reshape(b * t, *tiles.shape[2:]))  # [B*T', h, w, D]
-                return embeddings.reshape(b, t, *embeddings.shape[1:])
+            def outputs(index: int, positions: list[int]) -> TileOutputs:
+                return self.member_outputs(index, [images[p] for p in positions], engines, own)
 
-            chunk = max(1, engine.max_batch // len(images))
-            raw.append(score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, own))
+            args = (self.grid, self.rule, self.calibrations, self.thresholds.image, own)
+            staged = run_cascade(len(images), outputs, self.cascade, *args)
+            scores, maps, exit_stage = staged.scores, staged.maps, [int(s) for s in staged.exit_stage]
         with own("merge"):
-            scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
             labels = scores >= self.thresholds.image
             masks = maps >= self.thresholds.pixel
+        image = self.thresholds.image
         return [
-            Result(float(score), bool(label), anomaly_map, mask, threshold=self.thresholds.image)
-            for score, label, anomaly_map, mask in zip(scores, labels, maps, masks, strict=True)
+            Result(float(score), bool(label), anomaly_map, mask, threshold=image, exit_stage=stage, tiles_run=ran)
+            for score, label, anomaly_map, mask, stage, ran in zip(
+                scores, labels, maps, masks, exit_stage, tiles_run, strict=True
+            )
         ]
+
+    def coarse_maps(self, images: list[np.ndarray]) -> np.ndarray:
+        """The coarse member's z-maps [B, H, W]: the whole image as one tile through its engine and index."""
+        member, grid = self.coarse.member, self.coarse.tiling.tile_grid()
+        inputs = [tiles_at(normalise_rgb(image, member.preprocess), grid, [0], self.coarse.tiling.backbone_input)
+                  for image in images]  # fmt: skip
+        embeddings = self.coarse_engine.run(np.concatenate(inputs))  # [B, h, w, D]
+        patches, scores = self.coarse_scorer.score(embeddings)  # [B, h, w], [B]
+        maps = tile_outputs(patches[:, None], scores[:, None], grid, self.coarse.blur_sigma).maps[:, 0]  # [B, H, W]
+        return coarse_zmaps(maps, self.coarse.calibration.image)
+
+    def fine_outputs(self, images: list[np.ndarray], engines: dict, own: StageTimer):
+        """runtime.spatial's fine_outputs(member, location, positions) over this batch: the selected images'
+        tiles at one location through the member's engine and that location's index; each image is
+        normalised once per member."""
+        normalised: dict[tuple[int, int], np.ndarray] = {}  # (member, batch position) -> [3, S, S]
+
+        def outputs(index: int, location: int, positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            member, scorers = self.members[index]
+            with own("preprocess"):
+                for p in positions:
+                    if (index, p) not in normalised:
+                        normalised[index, p] = normalise_rgb(images[p], member.preprocess)
+            with own("tiling"):
+                tiles = np.concatenate([tiles_at(normalised[index, p], self.grid, [location], self.input_hw)
+                                        for p in positions])  # fmt: skip
+            with own(f"engine {member.engine}"):
+                embeddings = engines[member.engine].run(tiles)  # [n, h, w, D]
+            with own(f"knn {scorers[location].name}"):
+                patches, scores = scorers[location].score(embeddings)  # [n, h, w], [n]
+            with own("maps"):
+                out = tile_outputs(patches[:, None], scores[:, None], self.grid, self.rule.blur_sigma)
+            return out.scores[:, 0], out.maps[:, 0]
+
+        return outputs
+
+    def spatial_score(self, images: list[np.ndarray], engines: dict, own: StageTimer) -> tuple:
+        """score() with the coarse stage: (scores [B], maps [B, H, W], exit stages, tiles run). With the
+        member cascade too, its stages ask each member for outputs on the selected tiles only."""
+        with own("coarse"):
+            z_maps = self.coarse_maps(images)  # [B, H, W]
+            selection = tile_selection(coarse_tile_maxima(z_maps, self.grid), self.coarse.gate.tile_threshold)
+        fine = self.fine_outputs(images, engines, own)
+        tiles_run = [int(n) for n in selection.sum(axis=1)]
+        if self.cascade is None:
+            scores, maps, _ = run_spatial(len(images), z_maps, fine, selection, self.grid, self.rule,
+                                          self.calibrations, own)  # fmt: skip
+            return scores, maps, [None] * len(images), tiles_run
+
+        def outputs(index: int, positions: list[int]) -> TileOutputs:
+            calibration = self.calibrations[index]
+            return spatial_member_outputs(index, positions, z_maps, selection, self.grid, calibration, fine)
+
+        args = (self.grid, self.rule, self.calibrations, self.thresholds.image, own)
+        staged = run_cascade(len(images), outputs, self.cascade, *args)
+        return staged.scores, staged.maps, [int(s) for s in staged.exit_stage], tiles_run
 
     def predict(self, image: np.ndarray | str | Path) -> Result:
         """One image: a file path (str or Path, read as the bundle's preprocessing says) or an RGB uint8

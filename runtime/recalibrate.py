@@ -198,7 +198,10 @@ def recalibrated_manifest(manifest: Manifest, good: GoodScores, target_fpr: floa
         pixel_rule=f"calibrate: quantile {pixel_quantile:g} of {n} good images' map pixels",
         recalibrated=record,
     )
-    return replace(manifest, thresholds=thresholds)
+    cascade = manifest.cascade  # its windows move with the image threshold (Cascade.shifted)
+    if cascade is not None:
+        cascade = cascade.shifted(image - manifest.thresholds.image)
+    return replace(manifest, thresholds=thresholds, cascade=cascade)
 
 
 def write_recalibrated(bundle: Path, manifest: Manifest, out: Path, sign_key: Path | None) -> None:
@@ -253,7 +256,7 @@ def recalibrate(
         from tilecore.runtime.signing import load_private_key
 
         load_private_key(sign_key)  # a bad key file is refused before the images are scored
-    predictor = Predictor(bundle, device)
+    predictor = Predictor(bundle, device, cascade=False)  # thresholds are the full ensemble's
     manifest = predictor.manifest  # the one that scored; each file is checked against it again as it is copied
     quantile = pixel_quantile if pixel_quantile is not None else bundle_pixel_quantile(manifest.thresholds)
     good = score_good_images(predictor, good_images, quantile, batch, on_skip, target_fpr)

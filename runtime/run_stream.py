@@ -41,6 +41,7 @@ import numpy as np
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import IMAGE_SUFFIXES, write_png
 from tilecore.runtime.output_folder import (
+    EXIT_KEY,
     check_same_run,
     count_records,
     lock_out,
@@ -112,6 +113,8 @@ def _scored_record(item: Item, result: Result, batch_ms: float) -> dict:
         "label": "anomalous" if result.label else "normal",
         "timings_ms": {**result.timings_ms, "total": round(batch_ms, 3)},
         **({"rechecked_fp32": True} if result.rechecked else {}),
+        **({"exit_stage": result.exit_stage} if result.exit_stage is not None else {}),  # the cascade's
+        **({"tiles_run": result.tiles_run} if result.tiles_run is not None else {}),  # the coarse stage's
     }
 
 
@@ -220,20 +223,23 @@ def _run_locked(
         "input": spec,
         "bundle_sha256": predictor.manifest_sha256,
         "image_threshold": predictor.thresholds.image,
+        "cascade": getattr(predictor, "cascade", None) is not None,  # early exits, or every member
     }
     if resume:
         check_same_run(out, identity)
     results, earlier = open_results(out, resume, overwrite)
-    counts = count_records(earlier)
+    counts = Counter(count_records(earlier))
     done.update(record["input"] for record in earlier)  # the stream never reads these (a name k times: k)
     started = time.perf_counter()
     scored_now = 0
 
     def summary(completed: bool) -> dict:
         elapsed = time.perf_counter() - started
+        exits = {key.removeprefix(EXIT_KEY): n for key, n in sorted(counts.items()) if key.startswith(EXIT_KEY)}
         return {
             "completed": completed,
-            **counts,
+            **{key: n for key, n in counts.items() if not key.startswith(EXIT_KEY)},
+            **({"exits_per_stage": exits} if exits else {}),  # images that left the cascade at each stage
             "resumed": len(earlier),  # lines kept from an earlier run
             "seconds": round(elapsed, 3),
             "images_per_second": round(scored_now / elapsed, 3) if elapsed > 0 else None,  # this run's
@@ -271,6 +277,7 @@ def _run_locked(
         return final
     except BaseException:  # interrupted, full disk, a bug: say so, with the counts of the lines on disk
         try:
+            counts.clear()  # the lines on disk are the truth (a Counter's update would add)
             counts.update(count_records(read_results(results.path)[0]))
             write_summary(out, summary(False))
         except (TilecoreError, OSError):

@@ -149,6 +149,18 @@ def evaluate(run: Annotated[Path, typer.Argument(help="Run directory written by 
         # pixel metrics need ground-truth masks: n/a where the dataset has none
         table.add_row(name, *("n/a" if metrics[k] is None else f"{metrics[k]:.4f}" for k in METRIC_KEYS))
     Console().print(table)
+    staged = {name: m["cascade"] for name, m in report["categories"].items() if "cascade" in m}
+    if staged:
+        cascades = Table(title="early-exit cascade (shipped by `tilecore export`)")
+        for column in ("category", "AUROC full", "AUROC cascade", "agreement", "exits by stage", "GFLOPs"):
+            cascades.add_column(column, justify="left" if column == "category" else "right")
+        for name, c in staged.items():
+            full = report["categories"][name]["image_auroc"]
+            exits = " / ".join(f"{share:.0%}" for share in c["exit_shares"])
+            spent = f"{c['gflops_per_image']:.2f} of {c['full_gflops_per_image']:.2f}"
+            agreement = f"{c['label_agreement']:.4f}"
+            cascades.add_row(name, f"{full:.4f}", f"{c['image_auroc']:.4f}", agreement, exits, spent)
+        Console().print(cascades)
 
 
 @app.command()
@@ -172,6 +184,20 @@ def export(
     ] = None,
     name: Annotated[str | None, typer.Option(help="The bundle's model name (default: the category).")] = None,
     version: Annotated[str, typer.Option("--version", help="The bundle's model version.")] = "1",
+    cascade: Annotated[
+        str | None,
+        typer.Option(
+            help="auto: an ensemble runs its members cheapest first and stops early where the label is sure "
+            "(windows set on validation images); off: every member always. Default: the run config's cascade.mode."
+        ),
+    ] = None,
+    coarse: Annotated[
+        Path | None,
+        typer.Option(
+            help="A single-member, single-tile run of the same data and image size (e.g. preset SM256): the bundle "
+            "runs it first and only the tiles it finds suspicious through the tiled ensemble."
+        ),
+    ] = None,
 ) -> None:
     """Write one category of a run as a bundle: ONNX engines, FAISS indexes, a checked manifest."""
     from tilecore.export.identity import check_label
@@ -179,6 +205,8 @@ def export(
     from tilecore.runtime.signing import load_private_key
 
     check_label(version, "--version")
+    if cascade is not None and cascade not in ("auto", "off"):
+        raise TilecoreError(f"--cascade {cascade}: expected auto or off")
     if name is not None:
         check_label(name, "--name")
 
@@ -205,8 +233,9 @@ def export(
     from tilecore.export.bundle import export_run
 
     manifest = export_run(
-        run, out, category, index, build, precisions, precision_floor, int8_max_error, sign, name=name, version=version
-    )
+        run, out, category, index, build, precisions, precision_floor, int8_max_error, sign, name=name, version=version,
+        cascade=cascade, coarse=coarse,
+    )  # fmt: skip
     engines = sorted(manifest.graphs)
     console.print(
         f"bundle written to {out}: {len(engines)} engine(s), "
@@ -237,13 +266,9 @@ def run_bundle(
     out: Annotated[Path, typer.Option(help="Folder for results.jsonl, summary.json, overlays, masks.")] = Path(
         "predictions"
     ),
-    device: Annotated[
-        str, typer.Option(help=engine_table.device_help())
-    ] = "auto",
+    device: Annotated[str, typer.Option(help=engine_table.device_help())] = "auto",
     gpu_id: Annotated[int, typer.Option(help="CUDA device for engines and FAISS indexes.")] = 0,
-    precision: Annotated[
-        str, typer.Option(help=engine_table.precision_help())
-    ] = "fp32",
+    precision: Annotated[str, typer.Option(help=engine_table.precision_help())] = "fp32",
     recheck: Annotated[
         str | None,
         typer.Option(
@@ -276,6 +301,9 @@ def run_bundle(
     pixel_threshold: Annotated[
         float | None, typer.Option(help="Pixel (mask) threshold for this run instead of the bundle's (recorded).")
     ] = None,
+    cascade: Annotated[
+        str, typer.Option(help="auto: the bundle's early-exit cascade where it has one; off: every member.")
+    ] = "auto",
 ) -> None:
     """Score images with a bundle (no torch needed): one JSON line per image, a summary at the end."""
     from tilecore.runtime.predictor import Predictor
@@ -285,9 +313,11 @@ def run_bundle(
         raise TilecoreError(f"--batch {batch}: expected >= 1")
     if resume and overwrite:
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
+    if cascade not in ("auto", "off"):
+        raise TilecoreError(f"--cascade {cascade}: expected auto or off")
     predictor = Predictor(
         bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams, trust=trust,
-        threshold=threshold, pixel_threshold=pixel_threshold,
+        threshold=threshold, pixel_threshold=pixel_threshold, cascade=cascade == "auto",
     )  # fmt: skip
 
     def show(record: dict) -> None:

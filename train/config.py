@@ -29,6 +29,7 @@ PRESETS = {
     "ENS9": (0.5, 0.25, 0.5, False),  # 3 x 3 overlapping tiles, one bank per tile location
 }
 
+CASCADE_MODES = ("auto", "off")  # export --cascade and [cascade] mode
 CHOICES = {
     ("data", "format"): ("auto", "mvtec", "mvtec_ad2", "visa", "visa_folders", "plain"),
     ("data", "bit_depth"): ("auto", 8, 10, 12, 14, 16),
@@ -38,6 +39,7 @@ CHOICES = {
     ("tiling", "normalisation"): NORMALISATION_LEVELS,
     ("fusion", "rule"): FUSION_RULES,
     ("fusion", "threshold"): THRESHOLD_RULES,
+    ("cascade", "mode"): CASCADE_MODES,
 }
 
 
@@ -92,6 +94,14 @@ class FusionConfig:
 
 
 @dataclass
+class CascadeConfig:
+    mode: str = "auto"  # auto: an ensemble's bundle runs its members cheapest first with exit windows; off
+    agreement: float = 0.995  # share of calibration images that must keep the full ensemble's label
+    margin: float = 1.0  # window widening, in standard deviations of (full - stage score) on calibration images
+    order: list[int] = field(default_factory=list)  # member order; empty: cheapest first (backbone GFLOPs)
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 8  # images read and scored together
     pixels_per_pass: int = 262144  # backbone batch budget in input pixels (4 tiles of 256 x 256)
@@ -106,6 +116,7 @@ class Config:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +126,13 @@ class Config:
         return MergeRule(t.image_score, t.normalisation, self.fusion.rule, t.blur_sigma, t.seam_band, t.seam_sigma)
 
 
-TABLES = {"data": DataConfig, "tiling": TilingConfig, "fusion": FusionConfig, "train": TrainConfig}
+TABLES = {
+    "data": DataConfig,
+    "tiling": TilingConfig,
+    "fusion": FusionConfig,
+    "train": TrainConfig,
+    "cascade": CascadeConfig,
+}
 
 
 TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
@@ -241,7 +258,7 @@ def tiling_geometry(config: Config) -> tuple[tuple[int, int], tuple[int, int], t
 
 def validate(config: Config, origin: str = "config") -> None:
     """Range checks that need no files or models (those come when the run starts)."""
-    d, t, f, tr = config.data, config.tiling, config.fusion, config.train
+    d, t, f, tr, c = config.data, config.tiling, config.fusion, config.train, config.cascade
     checks = [
         (min(image_hw(config)) >= 32, "data.image_size", d.image_size, "an integer >= 32 or [height, width] >= 32"),
         (
@@ -261,6 +278,14 @@ def validate(config: Config, origin: str = "config") -> None:
         (tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1"),
         (tr.pixels_per_pass >= 1, "train.pixels_per_pass", tr.pixels_per_pass, "an integer >= 1"),
         (tr.threads >= 0, "train.threads", tr.threads, "an integer >= 0"),
+        (0.0 < c.agreement <= 1.0, "cascade.agreement", c.agreement, "0 < value <= 1"),
+        (c.margin >= 0.0, "cascade.margin", c.margin, ">= 0"),
+        (
+            not c.order or sorted(c.order) == list(range(len(config.members))),
+            "cascade.order",
+            c.order,
+            f"empty or each member index 0..{len(config.members) - 1} once",
+        ),
         (
             not (t.preset and (t.tile_size or t.stride or t.input_size or t.stacked)),
             "tiling.preset",

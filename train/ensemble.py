@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tilecore.runtime.cascade import Cascade, CascadeOutputs, run_cascade
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer
 from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, score_locations
@@ -79,6 +80,19 @@ class CategoryModel:
         if self.calibrations is None:
             raise TilecoreError("model: not calibrated yet; run `tilecore train` to finish the category")
         return ensemble_result(self.raw_outputs(images), self.grid, self.config.merge_rule(), self.calibrations)
+
+    def cascade_from(self, raw: list[TileOutputs], cascade: Cascade) -> CascadeOutputs:
+        """What `cascade` gives for a batch whose members' raw outputs `raw` are all known (runtime.cascade:
+        the staged loop the runtime runs, each stage reading only the outputs of the images that reach it)."""
+        if self.calibrations is None or self.thresholds is None:
+            raise TilecoreError("model: not calibrated yet; run `tilecore train` to finish the category")
+
+        def member_outputs(m: int, images: list[int]) -> TileOutputs:
+            return TileOutputs(raw[m].scores[images], raw[m].maps[images])
+
+        rule = self.config.merge_rule()
+        count = len(raw[0].scores)
+        return run_cascade(count, member_outputs, cascade, self.grid, rule, self.calibrations, self.thresholds["image"])
 
 
 def load_category_model(

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.progress import Progress
 
 from tilecore.runtime.artifacts import atomic_write_json
+from tilecore.runtime.cascade import Cascade, CascadeOutputs
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_mask
+from tilecore.runtime.merge import ensemble_result
 from tilecore.runtime.preprocess import resize_mask
+from tilecore.train.cascade_fit import fit_cascade
 from tilecore.train.config import Config, image_hw
 from tilecore.train.data import Sample, config_categories, load_config_category
 from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
@@ -42,25 +47,71 @@ def ground_truth(sample: Sample, image_shape: tuple[int, int], size: tuple[int, 
     return resize_mask(mask, *size)
 
 
+@dataclass
+class Scored:
+    """A test split scored: the readable samples, their fused scores [N] and maps [N, H, W], their masks
+    (None for an anomalous image without one) and, with a cascade, what the cascade gave the same images."""
+
+    samples: list[Sample]
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: list[np.ndarray | None]
+    cascade: CascadeOutputs | None = None
+
+
 def score_samples(
-    config: Config, model: CategoryModel, samples: list[Sample], skipped: list[str], progress: Progress, label: str
-) -> tuple[list[Sample], np.ndarray, np.ndarray, np.ndarray]:
-    """(kept samples, image scores [N], anomaly maps [N, H, W], N masks [H, W] or None) for readable samples."""
+    config: Config,
+    model: CategoryModel,
+    samples: list[Sample],
+    skipped: list[str],
+    progress: Progress,
+    label: str,
+    cascade: Cascade | None = None,
+) -> Scored:
+    """Score the readable samples with the full ensemble and, given `cascade`, with its early exits too
+    (from the same member outputs: each member runs once per image)."""
     size = image_hw(config)
     task = progress.add_task(label, total=len(samples))
     kept: list[Sample] = []
-    scores, maps, masks = [], [], []
+    scores, maps, masks, staged = [], [], [], []
+    rule = config.merge_rule()
     for batch_samples, images in read_batches(samples, config.train.batch_size, skipped):
         masks.extend(ground_truth(s, im.shape[:2], size) for s, im in zip(batch_samples, images, strict=True))
-        batch_scores, batch_maps = model.predict(images)  # [b], [b, H, W]
+        raw = model.raw_outputs(images)
+        batch_scores, batch_maps = ensemble_result(raw, model.grid, rule, model.calibrations)  # [b], [b, H, W]
         scores.append(batch_scores)
         maps.append(batch_maps)
+        if cascade is not None:
+            staged.append(model.cascade_from(raw, cascade))
         kept.extend(batch_samples)
         progress.advance(task, len(batch_samples))
     progress.update(task, completed=len(samples))
     if not kept:
         raise TilecoreError(f"{label}: no readable test images")
-    return kept, np.concatenate(scores), np.concatenate(maps), masks
+    joined = None
+    if staged:
+        joined = CascadeOutputs(
+            np.concatenate([c.scores for c in staged]),
+            np.concatenate([c.maps for c in staged]),
+            np.concatenate([c.exit_stage for c in staged]),
+            [sum(c.images_per_stage[s] for c in staged) for s in range(len(cascade.stages))],
+        )
+    return Scored(kept, np.concatenate(scores), np.concatenate(maps), masks, joined)
+
+
+def cascade_cost(cascade: Cascade, staged: CascadeOutputs, full_labels: np.ndarray, threshold: float) -> dict:
+    """How a cascade did against its full ensemble on the same images: label agreement, exits per stage,
+    and the backbone GFLOPs per image it spent (each image pays every stage it reached)."""
+    count = len(full_labels)
+    spent = sum(stage.gflops * ran for stage, ran in zip(cascade.stages, staged.images_per_stage, strict=True))
+    return {
+        "label_agreement": float(np.mean((staged.scores >= threshold) == full_labels)),
+        "exit_shares": [float(np.mean(staged.exit_stage == s + 1)) for s in range(len(cascade.stages))],
+        "gflops_per_image": spent / count,
+        "full_gflops_per_image": sum(stage.gflops for stage in cascade.stages),
+        "windows": [None if s.window is None else list(s.window) for s in cascade.stages],
+        "order": list(cascade.order),
+    }
 
 
 def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
@@ -91,7 +142,10 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
         model = load_category_model(config, run_dir, category, embedders)
         skipped: list[str] = []
         started = time.perf_counter()
-        kept, scores, maps, masks = score_samples(config, model, data.test, skipped, progress, f"{category}: eval")
+        calibration = json.loads((run_dir / category / CALIBRATION_FILE).read_text())
+        cascade = fit_cascade(config, calibration, where=f"{category}: cascade")
+        scored = score_samples(config, model, data.test, skipped, progress, f"{category}: eval", cascade)
+        kept, scores, maps, masks = scored.samples, scored.scores, scored.maps, scored.masks
         labels = np.array([s.label for s in kept])
         # pixel metrics over the images whose ground truth is known: normals, and anomalous ones with a mask
         known = [i for i, m in enumerate(masks) if m is not None]
@@ -101,6 +155,13 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
         metrics["masked_anomalous_images"] = sum(int(labels[i] == 1) for i in known)
         metrics.update(threshold_metrics(labels, scores, model.thresholds["image"]))
         metrics["test_images"] = len(kept)
+        if scored.cascade is not None:
+            staged = scored.cascade
+            cascade_maps = staged.maps[known] if pixel_known else None
+            metrics["cascade"] = {
+                **summarize(labels, staged.scores, known_masks, cascade_maps),
+                **cascade_cost(cascade, staged, scores >= model.thresholds["image"], model.thresholds["image"]),
+            }
         metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
         results[category] = metrics
         skipped_all[category] = skipped
@@ -114,6 +175,9 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
             }
             for s, v, m in zip(kept, scores, masks, strict=True)
         ]
+        if scored.cascade is not None:
+            for row, score, stage in zip(per_image, scored.cascade.scores, scored.cascade.exit_stage, strict=True):
+                row["cascade_score"], row["exit_stage"] = float(score), int(stage)
         atomic_write_json(run_dir / category / "test_scores.json", per_image)
     # a metric no category could compute (no masks anywhere) stays None
     known = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRIC_KEYS}

@@ -25,10 +25,16 @@ from rich.progress import Progress
 
 from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_json
-from tilecore.runtime.calibration import MIN_CALIBRATION_IMAGES, NormalStats, calibrate_threshold, quantile_threshold
+from tilecore.runtime.calibration import (
+    MIN_CALIBRATION_IMAGES,
+    NormalStats,
+    calibrate_threshold,
+    fuse,
+    quantile_threshold,
+)
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_rgb
-from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result, merge_tiles
+from tilecore.runtime.merge import MemberCalibration, TileOutputs, member_result, merge_tiles
 from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
 from tilecore.train.coreset import approximate_greedy_coreset
@@ -148,11 +154,17 @@ def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], prog
                 check_spread(stats, f"category {data.name} member {i} tile location {t}", rule.fusion)
         else:
             check_spread(calibration.image, f"category {data.name} member {i}", rule.fusion)
-    fused_scores, fused_maps = ensemble_result(raw, model.grid, rule, calibrations)
+    results = [member_result(o, model.grid, rule, c) for o, c in zip(raw, calibrations, strict=True)]
+    member_scores = np.stack([scores for scores, _ in results])  # [M, N] normalised image scores
+    fused_scores = fuse(list(member_scores), rule.fusion)  # [N], as runtime.merge.ensemble_result fuses
+    fused_maps = fuse([maps for _, maps in results], rule.fusion)  # [N, H, W]
     labels = np.zeros(count, dtype=bool)  # the validation split holds normal images only
-    synthetic = None
-    if config.fusion.threshold in ("auto", "synthetic"):
-        synthetic = synthetic_anomaly_scores(model, data, calibrations, skipped, progress)
+    synthetic = synthetic_members = None
+    if config.fusion.threshold in ("auto", "synthetic") or len(config.members) > 1:  # cascades need them too
+        synthetic_members = synthetic_member_scores(model, data, calibrations, skipped, progress)  # [M, K]
+        synthetic = fuse(list(synthetic_members), rule.fusion) if synthetic_members.shape[1] else None
+    if config.fusion.threshold not in ("auto", "synthetic"):
+        synthetic = None  # the threshold rule does not use them
     threshold, how = calibrate_threshold(
         labels, fused_scores, config.fusion.threshold, config.fusion.quantile, synthetic
     )
@@ -168,24 +180,28 @@ def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], prog
         },
         "validation_fused_scores": fused_scores.tolist(),
         "synthetic_fused_scores": [] if synthetic is None else synthetic.tolist(),
+        # each member's normalised image scores: what export calibrates the cascade's windows on
+        "validation_member_scores": member_scores.tolist(),
+        "synthetic_member_scores": [] if synthetic_members is None else synthetic_members.tolist(),
     }
 
 
-def synthetic_anomaly_scores(
+def synthetic_member_scores(
     model: CategoryModel,
     data: CategoryData,
     calibrations: list[MemberCalibration],
     skipped: list[str],
     progress: Progress,
 ) -> np.ndarray:
-    """Fused scores [N * len(DEFECT_TYPES)] of synthetic defects painted into the held-out normal validation
-    images (train.synth.paint_defect: one of each defect type per image), normalised with the normals'
-    statistics. They stand in for the anomalous validation images a normals-only dataset lacks (never test
-    data). A second pass re-reads the images, so memory stays at one batch of maps."""
+    """Each member's normalised image scores [M, N * len(DEFECT_TYPES)] of synthetic defects painted into
+    the held-out normal validation images (train.synth.paint_defect: one of each defect type per image),
+    normalised with the normals' statistics. They stand in for the anomalous validation images a normals-only
+    dataset lacks (never test data). A second pass re-reads the images, so memory stays at one batch of maps."""
     config = model.config
     task = progress.add_task(f"{data.name}: synthetic anomalies", total=len(data.validation))
-    scores = []
+    scores = []  # [M, b] per chunk
     index = 0
+    rule = config.merge_rule()
     for batch_samples, images in read_batches(data.validation, config.train.batch_size, skipped):
         painted = []
         for image in images:
@@ -194,10 +210,12 @@ def synthetic_anomaly_scores(
             index += 1
         for start in range(0, len(painted), config.train.batch_size):
             chunk = painted[start : start + config.train.batch_size]
-            fused, _ = ensemble_result(model.raw_outputs(chunk), model.grid, config.merge_rule(), calibrations)
-            scores.append(fused)
+            outputs = zip(model.raw_outputs(chunk), calibrations, strict=True)
+            scores.append(np.stack([member_result(o, model.grid, rule, c)[0] for o, c in outputs]))
         progress.advance(task, len(batch_samples))
-    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    if not scores:
+        return np.zeros((len(config.members), 0), dtype=np.float32)
+    return np.concatenate(scores, axis=1)
 
 
 def check_before_work(config: Config, datasets: list[CategoryData]) -> None:

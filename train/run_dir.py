@@ -68,11 +68,10 @@ def finished_banks(run_dir: Path) -> list[Path]:
 def stored_config(config_path: Path) -> Any:
     """The config a run folder holds, or None where that file is not a tilecore run config."""
     try:
-        raw = read_json(config_path)
-        config_from_dict(raw, str(config_path))
+        # read back through the schema, so a run written before a newer table (with its defaults) resumes
+        return config_from_dict(read_json(config_path), str(config_path)).to_dict()
     except TilecoreError:
         return None
-    return raw
 
 
 def clear_unfinished_run(run_dir: Path) -> None:

@@ -64,7 +64,7 @@ def pytorch_and_runtime(run: Path, bundle: Path, dataset: Path) -> tuple:
     images = [read_rgb(s.image) for s in samples]
     labels = np.array([s.label for s in samples])
     torch_scores, torch_maps = model.predict(images)
-    results = Predictor(bundle, device="cpu").predict_batch(images)
+    results = Predictor(bundle, device="cpu", cascade=False).predict_batch(images)
     runtime_scores = np.array([r.score for r in results])
     runtime_maps = np.stack([r.anomaly_map for r in results])
     return labels, torch_scores, torch_maps, runtime_scores, runtime_maps

@@ -142,6 +142,51 @@ def backbone_only(predictor: Predictor, images: list[np.ndarray], batch: int, pr
     return images_per_second(repeat(call, batch, protocol), batch)
 
 
+def cascade_figures(predictor: Predictor, images: list[np.ndarray], batch: int, protocol: Protocol) -> dict:
+    """A bundle with early exits (member stages, a coarse stage or both) on these images: how many images
+    and fine tiles each stage ran, and its throughput at `batch` against the full ensemble's (the same
+    Predictor with its exits off), measured A/B/A/B."""
+    cascade, coarse = predictor.cascade, predictor.coarse
+    results = [
+        r for start in range(0, len(images), batch) for r in predictor.predict_batch(images[start : start + batch])
+    ]
+    every = predictor.grid.count  # fine tile locations per image
+    tiles = [every if r.tiles_run is None else r.tiles_run for r in results]  # fine locations each image ran
+    stages = []
+    if coarse is not None:
+        stages.append({"members": ["coarse"], "images": len(results), "tiles": len(results), "exits": 0,
+                       "fine_tiles_skipped": every * len(results) - sum(tiles)})  # fmt: skip
+    member_stages = cascade.stages if cascade is not None else ()
+    if not member_stages:
+        stages.append({"members": list(range(len(predictor.members))), "images": len(results),
+                       "tiles": sum(tiles) * len(predictor.members), "exits": len(results)})  # fmt: skip
+    for s, stage in enumerate(member_stages):
+        reached = [n for r, n in zip(results, tiles, strict=True) if r.exit_stage >= s + 1]
+        exits = sum(r.exit_stage == s + 1 for r in results)
+        stages.append({"members": list(stage.members), "images": len(reached),
+                       "tiles": sum(reached) * len(stage.members), "exits": exits})  # fmt: skip
+    pick = cycle_batches(len(images), batch)
+    rates: dict[str, list[float]] = {"cascade": [], "full": []}
+    for _ in range(2):  # A/B/A/B: a drifting machine load hits both alike
+        for mode in ("cascade", "full"):
+            if mode == "full":
+                predictor.cascade, predictor.coarse = None, None
+            try:
+                seconds = repeat(lambda n: predictor.predict_batch([images[i] for i in pick(n)]), batch, protocol)
+            finally:
+                predictor.cascade, predictor.coarse = cascade, coarse
+            rates[mode].append(images_per_second(seconds, batch))
+    cascade_rate, full_rate = float(np.median(rates["cascade"])), float(np.median(rates["full"]))
+    return {
+        "batch": batch,
+        "images": len(images),
+        "stages": stages,
+        "fine_tiles_run_share": round(sum(tiles) / (every * len(results)), 4),
+        "images_per_second": {"cascade": rates["cascade"], "full": rates["full"]},
+        "speedup": round(cascade_rate / full_rate, 3),
+    }
+
+
 def load_scorer(job: Job):
     """(score function over a list of RGB images, the Predictor or None for the eager model)."""
     if job.device == "pytorch":
@@ -214,6 +259,8 @@ def measure(job: Job) -> dict:
             alone = backbone_only(predictor, images, batch, p)
             row["backbone_only"][str(batch)] = alone
             row["efficiency"][str(batch)] = round(row["throughput"][str(batch)] / alone, 3)
+    if predictor is not None and (predictor.cascade is not None or predictor.coarse is not None):  # as above
+        row["cascade"] = cascade_figures(predictor, images, max(p.batches), p)
     return {**row, **memory(rss_start, rss_loaded)}
 
 

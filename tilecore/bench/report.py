@@ -57,6 +57,31 @@ def stage_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def cascade_table(rows: list[dict]) -> list[str]:
+    """Per cascade bundle: images and tiles each stage ran, and throughput against the full ensemble."""
+    head = ["setup", "backend", "batch", "images / tiles per stage", "fine tiles run", "img/s cascade", "img/s full",
+            "speed-up"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        c = r.get("cascade")
+        if c is None:
+            continue
+        per_stage = ", ".join(f"{s['images']} / {s['tiles']}" for s in c["stages"])
+        rates = c["images_per_second"]
+        cells = [
+            r["label"],
+            name(r),
+            str(c["batch"]),
+            per_stage,
+            f"{c['fine_tiles_run_share']:.0%}",
+            "/".join(fmt(x) for x in rates["cascade"]),
+            "/".join(fmt(x) for x in rates["full"]),
+            f"×{c['speedup']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def memory_table(sweep: list[dict]) -> list[str]:
     head = ["setup", "image px", "tiles", "peak RSS MB", "RSS after load MB", "before load MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -81,6 +106,9 @@ def markdown(report: dict) -> str:
     ]
     if any("groups_ms" in r.get("stages_batch1", {}) for r in report["rows"]):
         parts += ["", "Stages at batch 1 (median ms per image):", "", *stage_table(report["rows"])]
+    if any("cascade" in r for r in report["rows"]):
+        parts += ["", "Early-exit cascades on these inputs (A/B/A/B; the rows above measure the cascade):", ""]
+        parts += cascade_table(report["rows"])
     if report.get("memory_sweep"):
         parts += ["", "Memory vs input resolution (one process per row, two images scored):", ""]
         parts += memory_table(report["memory_sweep"])
