@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import to_toml  # noqa: E402 (tools/ is the script's path)
+
 SETUPS = ("SM256", "SM512", "ST4", "ST9", "ENS4", "ENS9")
 SMALL_BACKBONES = {  # name -> layers at strides 8 and 16
     "tf_efficientnet_lite0": ["blocks.2", "blocks.4"],
@@ -64,21 +66,10 @@ def size_bin_auroc(run_dir: Path, image_area: int) -> dict[str, float | None]:
 
 def backbone_gflops(config_raw: dict) -> float:
     """Backbone + head GFLOPs per image: every member on every tile, at its backbone input size."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from tilecore.train.cascade_fit import member_gflops
     from tilecore.train.config import config_from_dict
-    from tilecore.train.model import build_net, grid_for
 
-    config = config_from_dict(config_raw)
-    grid, model_input, _ = grid_for(config)
-    total = 0
-    for m in config.members:
-        net = build_net(m, None)
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            net(torch.zeros(1, 3, *model_input))
-        total += counter.get_total_flops() * grid.count
-    return total / 1e9
+    return sum(member_gflops(config_from_dict(config_raw)))
 
 
 def run_worker(config_path: str, run_dir: str) -> dict:
@@ -113,15 +104,6 @@ def run_config(raw: dict, tmp: Path, name: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def to_toml(raw: dict) -> str:
-    lines = []
-    for section, values in raw.items():
-        for table in values if isinstance(values, list) else [values]:
-            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
-            lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
 
 
 def mean_std(values: list[float]) -> str:
