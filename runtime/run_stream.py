@@ -223,7 +223,7 @@ def _run_locked(
         "input": spec,
         "bundle_sha256": predictor.manifest_sha256,
         "image_threshold": predictor.thresholds.image,
-        "cascade": getattr(predictor, "cascade", None) is not None,  # early exits, or every member
+        "cascade": predictor.cascade is not None,  # early exits on (the bundle's cascade) or every member
     }
     if resume:
         check_same_run(out, identity)

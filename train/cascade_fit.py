@@ -34,10 +34,17 @@ def member_gflops(config: Config) -> list[float]:
     return [tile_gflops(m, model_input) * grid.count for m in config.members]
 
 
-def fit_cascade(config: Config, calibration: dict, mode: str | None = None, where: str = "cascade") -> Cascade | None:
+def fit_cascade(
+    config: Config,
+    calibration: dict,
+    mode: str | None = None,
+    where: str = "cascade",
+    gflops: list[float] | None = None,
+) -> Cascade | None:
     """The cascade for a category's `calibration` (calibration.json), or None: `mode` (default the config's
     cascade.mode) is off, the ensemble has one member, or the run was calibrated before member scores were
-    recorded (logged). Windows contain the calibrated image threshold."""
+    recorded (logged). Windows contain the calibrated image threshold. `gflops`: member_gflops(config),
+    when the caller has it already (one per run, not per category)."""
     mode = mode or config.cascade.mode
     if mode not in ("auto", "off"):
         raise TilecoreError(f"--cascade {mode}: expected auto or off")
@@ -51,7 +58,7 @@ def fit_cascade(config: Config, calibration: dict, mode: str | None = None, wher
     normal = np.asarray(normal_scores, dtype=np.float32)  # [M, N]
     anomalous = np.asarray(synthetic, dtype=np.float32).reshape(len(config.members), -1)  # [M, K]
     scores = np.concatenate([normal, anomalous], axis=1)  # [M, N + K]
-    gflops = member_gflops(config)
+    gflops = gflops if gflops is not None else member_gflops(config)
     c = config.cascade
     return calibrate_cascade(
         scores,

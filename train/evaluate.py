@@ -17,7 +17,7 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.image_io import read_mask
 from tilecore.runtime.merge import ensemble_result
 from tilecore.runtime.preprocess import resize_mask
-from tilecore.train.cascade_fit import fit_cascade
+from tilecore.train.cascade_fit import fit_cascade, member_gflops
 from tilecore.train.config import Config, image_hw
 from tilecore.train.data import Sample, config_categories, load_config_category
 from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
@@ -133,6 +133,7 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
     if untrained:
         raise TilecoreError(f"run {run_dir}: categories {untrained} not trained; run `tilecore train` first")
     embedders = [load_embedder(config, run_dir, i) for i in range(len(config.members))]
+    gflops = member_gflops(config) if len(config.members) > 1 else None  # the cascade's costs, once per run
     results: dict[str, dict] = {}
     skipped_all: dict[str, list[str]] = {}
     for category in categories:
@@ -143,7 +144,7 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
         skipped: list[str] = []
         started = time.perf_counter()
         calibration = json.loads((run_dir / category / CALIBRATION_FILE).read_text())
-        cascade = fit_cascade(config, calibration, where=f"{category}: cascade")
+        cascade = fit_cascade(config, calibration, where=f"{category}: cascade", gflops=gflops)
         scored = score_samples(config, model, data.test, skipped, progress, f"{category}: eval", cascade)
         kept, scores, maps, masks = scored.samples, scored.scores, scored.maps, scored.masks
         labels = np.array([s.label for s in kept])

@@ -119,6 +119,7 @@ class FakePredictor:
         self.bundle = Path("fake-bundle")
         self.manifest_sha256 = "0" * 64
         self.bit_depth = 8
+        self.cascade = None  # no early exits: every member runs
         self.scores = scores or {}
         self.interrupt_on_call = interrupt_on_call
         self.calls = 0
