@@ -99,9 +99,17 @@ def wait_for_lines(out: Path, proc: subprocess.Popen, count: int) -> None:
         time.sleep(0.005)
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action. A suite started in the background (`make test &`) inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt, so the run would not stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(bundle: Path, many: Path, out: Path, *extra: str) -> subprocess.Popen:
     command = [*RUN, str(bundle), str(many), "--out", str(out), "--device", "cpu", "--batch", "1", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
 
 
 def test_resume_after_a_killed_run_gives_one_line_per_input(
