@@ -27,23 +27,21 @@ from tilecore.export.onnx_graph import export_embedder, weights_hash
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import build_flat_index
 from tilecore.runtime.manifest import Coarse, IndexRecord, Member, Tiling
-from tilecore.runtime.merge import MemberCalibration, TileOutputs, ensemble_result
+from tilecore.runtime.merge import MemberCalibration
 from tilecore.runtime.spatial import (
     TileGate,
     calibrate_gate,
     coarse_tile_maxima,
     coarse_zmaps,
     run_spatial,
-    score_grid,
     spatial_scores,
     tile_selection,
 )
 from tilecore.train.ensemble import CategoryModel, bank_groups, bank_path, load_bank, load_category_model
-from tilecore.train.fit import SYNTHETIC_SEED_STREAM
+from tilecore.train.fit import synthetic_defects
 from tilecore.train.model import load_embedder
 from tilecore.train.run_dir import load_run_config, run_categories
 from tilecore.train.run_images import VALIDATION, kept_images
-from tilecore.train.synth import DEFECT_TYPES, paint_defect
 
 log = logging.getLogger("tilecore")
 
@@ -88,8 +86,7 @@ def calibration_images(fine: RunToExport) -> tuple[list[np.ndarray], np.ndarray]
     normals = [read_rgb(path) for path in kept_images(fine.run_dir, fine.category, VALIDATION)]
     painted = []
     for index, image in enumerate(normals):
-        rng = np.random.default_rng([fine.config.train.seed, SYNTHETIC_SEED_STREAM, index])
-        painted += [paint_defect(rng, image, kind, fine.category)[0] for kind in DEFECT_TYPES]
+        painted += synthetic_defects(image, fine.config.train.seed, index, fine.category)
     normal = np.array([True] * len(normals) + [False] * len(painted))
     return normals + painted, normal
 
@@ -131,12 +128,11 @@ def calibrate_coarse(source: RunToExport, fine: CategoryModel, coarse: CategoryM
     scores = [np.concatenate(s) for s in tile_scores]
     c = np.concatenate(maxima)
     rule, threshold = source.config.merge_rule(), float(source.calibration["thresholds"]["image"])
-    small, small_rule = score_grid(fine.grid, rule)
-    flat = [TileOutputs(s, np.zeros((*s.shape, 1, 1), dtype=np.float32)) for s in scores]
-    full = ensemble_result(flat, small, small_rule, fine.calibrations)[0] >= threshold  # every tile run
 
     def labels_at(tile_threshold: float) -> np.ndarray:
         return spatial_scores(scores, c, tile_threshold, fine.grid, rule, fine.calibrations) >= threshold
+
+    full = labels_at(-math.inf)  # every tile runs: the full ensemble's labels
 
     cascade = source.config.cascade
     return calibrate_gate(c, normal, full, labels_at, cascade.agreement, cascade.margin)

@@ -186,6 +186,13 @@ def calibrate(model: CategoryModel, data: CategoryData, skipped: list[str], prog
     }
 
 
+def synthetic_defects(image: np.ndarray, seed: int, index: int, category: str) -> list[np.ndarray]:
+    """One synthetic defect of each DEFECT_TYPES painted into validation image number `index` (seeded by the
+    run's seed and the index, so training's calibration and export's cascade gate paint the same ones)."""
+    rng = np.random.default_rng([seed, SYNTHETIC_SEED_STREAM, index])
+    return [paint_defect(rng, image, kind, category)[0] for kind in DEFECT_TYPES]
+
+
 def synthetic_member_scores(
     model: CategoryModel,
     data: CategoryData,
@@ -205,8 +212,7 @@ def synthetic_member_scores(
     for batch_samples, images in read_batches(data.validation, config.train.batch_size, skipped):
         painted = []
         for image in images:
-            rng = np.random.default_rng([config.train.seed, SYNTHETIC_SEED_STREAM, index])  # reproducible per image
-            painted += [paint_defect(rng, image, kind, data.name)[0] for kind in DEFECT_TYPES]
+            painted += synthetic_defects(image, config.train.seed, index, data.name)
             index += 1
         for start in range(0, len(painted), config.train.batch_size):
             chunk = painted[start : start + config.train.batch_size]
