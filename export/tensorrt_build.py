@@ -5,13 +5,20 @@ opt = max = --max-batch tiles; the rest of the shape comes from the graph), sets
 the precision, and writes `backbone_<hash>.<gpu-slug>.engine` next to the graph. Its EngineRecord
 (TensorRT version, GPU name and compute capability, precision, profile) goes into the manifest.
 
-Precision -> network and flags:
-- fp32: weakly typed network, TF32 cleared, so fp32 really computes in fp32 (parity with ONNX Runtime).
-- fp16: BuilderFlag.FP16 (TensorRT 10; TensorRT 11 removed the flag, hence the pin to 10).
+Precision -> network and flags. Strongly typed networks are preferred wherever the graph's own types say
+what to compute in: the precision flags (FP16, INT8) are deprecated since TensorRT 10.12 and removed in 11,
+and a strongly typed network refuses them. Where the installed TensorRT has no STRONGLY_TYPED flag the
+weakly typed form is used instead.
+- fp32: strongly typed fp32 graph, TF32 cleared, so fp32 really computes in fp32 (parity with ONNX Runtime).
+- fp16: weakly typed network with BuilderFlag.FP16: the graph is fp32, so only the flag can let TensorRT
+  pick fp16 kernels (a strongly typed fp16 build would need an fp16 graph; hence the pin below 11).
 - int8: a strongly typed network from a Q/DQ graph; no precision flags (TensorRT's documented way for
-  explicit quantization); layers outside the Q/DQ pairs stay fp32.
+  explicit quantization); layers outside the Q/DQ pairs stay fp32. (Weakly typed, a Q/DQ graph needs
+  the INT8 flag.)
 - int8+fp16: the Q/DQ graph in a weakly typed network with the INT8 and FP16 flags, so the layers
   outside the Q/DQ pairs may run in fp16.
+The Q/DQ graph is kept in the bundle as backbone_<hash>.qdq.onnx: ONNX Runtime's TensorRT EP builds its
+int8 engines from it (`run --device tensorrt --precision int8`).
 
 INT8 uses explicit quantization (a Q/DQ graph), not IInt8EntropyCalibrator2, because:
 - TensorRT deprecated the calibrator classes in 10.1 and removed them, with the INT8 flag, in 11: a
@@ -34,8 +41,16 @@ from types import ModuleType
 import numpy as np
 
 from tilecore.export.quantize import calibration_set, relative_error, training_images, write_qdq_graph
-from tilecore.runtime.engines.gpu_stack import cuda_call, gpu_info, import_cudart, import_tensorrt
-from tilecore.runtime.engines.tensorrt_plans import EngineRecord, GpuInfo, Profile, engine_file_name, profile_shapes
+from tilecore.runtime.engines.base import EngineOptions
+from tilecore.runtime.engines.gpu_stack import CudaBinding, import_tensorrt, open_cuda
+from tilecore.runtime.engines.tensorrt_plans import (
+    EngineRecord,
+    GpuInfo,
+    Profile,
+    engine_file_name,
+    profile_shapes,
+    qdq_graph_name,
+)
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.manifest import QdqCalibration
 from tilecore.runtime.preprocess import Preprocess
@@ -51,7 +66,7 @@ class TensorRTBuild:
     fp16: bool = False
     int8: bool = False
     workspace_gb: float = 2.0
-    max_batch: int = 8
+    max_batch: int = EngineOptions.max_batch  # the runtime's default batch: opt = max = what run() sends
     gpu_id: int = 0
     calibration_tiles: int = 128  # INT8 only: tiles of training images the quantizer calibrates on
 
@@ -73,7 +88,11 @@ class TensorRTBuild:
 @dataclass(frozen=True)
 class BuildStack:
     trt: ModuleType
-    gpu: GpuInfo
+    cuda: CudaBinding  # its device is made current around each build (the builder times kernels on it)
+
+    @property
+    def gpu(self) -> GpuInfo:
+        return self.cuda.gpu
 
 
 def check_build_stack(build: TensorRTBuild) -> BuildStack:
@@ -83,28 +102,36 @@ def check_build_stack(build: TensorRTBuild) -> BuildStack:
     writing the ONNX graphs and indexes.
     """
     trt = import_tensorrt(WHO)
-    cudart = import_cudart(WHO)
-    gpu = gpu_info(cudart, build.gpu_id, WHO)
+    cuda = open_cuda(build.gpu_id, WHO)
     if build.int8:
         try:
             import onnx  # noqa: F401
             from onnxruntime.quantization import quantize_static  # noqa: F401
         except ImportError as exc:
             raise TilecoreError(f"--precision int8: the quantizer needs {exc.name} (the export extra)") from None
-    cuda_call(cudart.cudaSetDevice(gpu.index), "cudaSetDevice")  # the builder times kernels on this GPU
-    return BuildStack(trt, gpu)
+    return BuildStack(trt, cuda)
+
+
+STRONGLY_TYPED_PRECISIONS = ("fp32", "int8")  # the graph's own types say it all (module docstring)
+
+
+def strongly_typed(trt: ModuleType, precision: str) -> bool:
+    """Whether `precision` builds a strongly typed network with this TensorRT."""
+    return precision in STRONGLY_TYPED_PRECISIONS and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
 
 
 def network_flags(trt: ModuleType, precision: str) -> int:
-    """create_network flags: strongly typed for pure INT8 (the Q/DQ graph decides every type), else none."""
-    if precision == "int8":
+    """create_network flags: strongly typed where strongly_typed() says so, else none."""
+    if strongly_typed(trt, precision):
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0  # TensorRT 10 networks are always explicit-batch
 
 
-def builder_flags(precision: str) -> list[str]:
-    """BuilderFlag names to set for a precision (a strongly typed network takes none)."""
-    return {"fp32": [], "fp16": ["FP16"], "int8": [], "int8+fp16": ["INT8", "FP16"]}[precision]
+def builder_flags(trt: ModuleType, precision: str) -> list[str]:
+    """BuilderFlag names to set for a precision: none for a strongly typed network (it refuses them)."""
+    if strongly_typed(trt, precision):
+        return []
+    return {"fp32": [], "fp16": ["FP16"], "int8": ["INT8"], "int8+fp16": ["INT8", "FP16"]}[precision]
 
 
 def build_plan(
@@ -129,7 +156,7 @@ def build_plan(
     config.add_optimization_profile(trt_profile)
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
-    for flag in builder_flags(precision):
+    for flag in builder_flags(trt, precision):
         config.set_flag(getattr(trt.BuilderFlag, flag))
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -140,21 +167,23 @@ def build_plan(
 def build_engine(onnx_path: Path, build: TensorRTBuild, stack: BuildStack, tiles: np.ndarray | None) -> EngineRecord:
     """Write the engine for `onnx_path` beside it; `tiles` (INT8 only) are the calibration inputs."""
     calibration = None
-    with tempfile.TemporaryDirectory(prefix="tilecore-qdq-") as tmp:
-        source = onnx_path
-        if build.int8:
-            if tiles is None or not len(tiles):
-                raise TilecoreError("--tensorrt --precision int8: no calibration tiles")
-            source = Path(tmp) / onnx_path.name
-            write_qdq_graph(onnx_path, source, tiles, build.max_batch)
-            probe = tiles[: build.max_batch]
-            calibration = QdqCalibration(
-                method="onnxruntime static quantization, entropy, symmetric int8, per-channel weights",
-                tiles=int(len(tiles)),
-                qdq_relative_error=round(relative_error(onnx_path, source, probe), 6),
-            )
+    source = onnx_path
+    if build.int8:
+        if tiles is None or not len(tiles):
+            raise TilecoreError("--tensorrt --precision int8: no calibration tiles")
+        source = onnx_path.parent / qdq_graph_name(onnx_path.name)  # kept: the TensorRT EP's int8 graph
+        with tempfile.TemporaryDirectory(prefix="tilecore-qdq-") as tmp:
+            write_qdq_graph(onnx_path, Path(tmp) / source.name, tiles, build.max_batch)
+            Path(tmp, source.name).replace(source)  # the staging folder: whole or absent
+        probe = tiles[: build.max_batch]
+        calibration = QdqCalibration(
+            method="onnxruntime static quantization, entropy, symmetric int8, per-channel weights",
+            tiles=int(len(tiles)),
+            qdq_relative_error=round(relative_error(onnx_path, source, probe), 6),
+        )
+    with stack.cuda.current():  # this thread builds on the chosen GPU
         plan, profile, output_name = build_plan(stack.trt, source, build.precision, build.max_batch, build.workspace_gb)
-    name = engine_file_name(onnx_path.name, stack.gpu)
+    name = engine_file_name(onnx_path.name, stack.gpu, build.precision)
     (onnx_path.parent / name).write_bytes(plan)  # the bundle's staging folder: renamed into place at the end
     return EngineRecord(
         onnx=onnx_path.name,

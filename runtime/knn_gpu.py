@@ -1,12 +1,16 @@
 """kNN on a GPU: FAISS's GPU indexes behind the same search() the CPU indexes offer (runtime.knn).
 
-The Predictor calls place_on_device once after loading its banks; nothing else in the runtime touches
+The Predictor calls place_beside_engines once after loading its engines and banks: the indexes move to a
+GPU only when an engine really computes there (its `cuda_device`, set by the ONNX Runtime engine from the
+provider the session runs on and by the native TensorRT engine), never because a GPU merely exists: an
+`auto` run that fell back to the CPU keeps its kNN on the CPU too. Nothing else in the runtime touches
 faiss's GPU API.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 import faiss
 import numpy as np
@@ -27,6 +31,17 @@ class SerialGpuIndex:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.index, name)
+
+
+def engines_gpu(engines: Iterable[object]) -> int | None:
+    """The CUDA device the first GPU engine among `engines` runs on, or None when all run on the CPU."""
+    return next((e.cuda_device for e in engines if getattr(e, "cuda_device", None) is not None), None)
+
+
+def place_beside_engines(scorers: list[BankScorer], engines: Iterable[object]) -> str:
+    """place_on_device on the engines' GPU, or "cpu" when no engine runs on a GPU."""
+    gpu = engines_gpu(engines)
+    return "cpu" if gpu is None else place_on_device(scorers, "cuda", gpu)
 
 
 def place_on_device(scorers: list[BankScorer], device: str, gpu_id: int) -> str:

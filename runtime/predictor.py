@@ -20,7 +20,7 @@ from tilecore.runtime.engines.base import BundleGraph, Engine, EngineOptions
 from tilecore.runtime.engines.opener import open_engine
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import BankScorer, read_bank_index, set_knn_threads
-from tilecore.runtime.knn_gpu import place_on_device
+from tilecore.runtime.knn_gpu import place_beside_engines
 from tilecore.runtime.manifest import Manifest, Thresholds, read_checked, read_manifest
 from tilecore.runtime.merge import TileOutputs, ensemble_result, score_locations, tile_outputs
 from tilecore.runtime.preprocess import normalise_rgb, tiles_at
@@ -45,18 +45,6 @@ class Result:
     threshold: float | None = None  # the image threshold `label` was decided with (Predictor.thresholds.image)
     exit_stage: int | None = None  # with the bundle's cascade: the 1-based stage the image left at
     tiles_run: int | None = None  # with the bundle's coarse stage: the fine tile locations this image ran
-
-
-def engine_file(manifest: Manifest, engine: str, precision: str) -> str:
-    """The graph a member's engine runs at `precision`: the fp32 ONNX, or the bundle's int8 graph of it."""
-    if precision != "int8":
-        return engine
-    graphs = manifest.reduced_precision.int8 if manifest.reduced_precision is not None else {}
-    if engine not in graphs:
-        raise TilecoreError(
-            f"--precision int8: bundle has no int8 graph of {engine}; export with `tilecore export --precision int8`"
-        )
-    return graphs[engine].file
 
 
 def check_embedding_shapes(engines: dict[str, Engine], manifest: Manifest, where: str) -> None:
@@ -193,7 +181,7 @@ class Predictor:
         graphs = m.graphs
         options = EngineOptions(device, threads, max_batch, precision, gpu_id, streams=streams)
         if engines is None:
-            engines = {name: self.open_graph(engine_file(m, name, precision), options) for name in graphs}
+            engines = {name: self.open_graph(name, options) for name in graphs}  # each backend's int8 graph: opener
         elif set(engines) != graphs:
             raise TilecoreError(f"engines for {sorted(engines)}: the bundle's members use {sorted(graphs)}")
         check_embedding_shapes(engines, m, where)
@@ -220,7 +208,7 @@ class Predictor:
         if self.coarse is not None:
             self.coarse_scorer = self.load_coarse(options, engines, where)
             all_scorers.append(self.coarse_scorer)
-        self.knn_device = place_on_device(all_scorers, device, gpu_id)
+        self.knn_device = place_beside_engines(all_scorers, self.engines.values())  # where an engine computes
 
     def load_coarse(self, options: EngineOptions, engines: dict[str, Engine], where: str) -> BankScorer:
         """The coarse stage's fp32 engine (a fine member's when it is the same graph) and its index's scorer."""

@@ -40,8 +40,10 @@ PRECISION_TABLE = (
 BACKEND_TABLE = (
     Backend("cpu", "ONNX Runtime on the CPU", ("fp32", "int8"), "", auto_rank=4),
     Backend("cuda", "ONNX Runtime's CUDA provider", ("fp32", "int8"), "gpu", auto_rank=2),
-    Backend("tensorrt", "ONNX Runtime's TensorRT provider (plans cached per graph)", ("fp32",), "gpu", auto_rank=1),
-    Backend("tensorrt-native", "a TensorRT plan from the bundle (export --tensorrt)", ("fp32",), "tensorrt", 0),
+    Backend("tensorrt", "ONNX Runtime's TensorRT provider (plans cached per graph)", ("fp32", "int8"), "gpu", 1),
+    # tensorrt-native runs the bundle's plan of that precision; auto: the fastest plan the bundle has (fp16 too)
+    Backend("tensorrt-native", "a TensorRT plan from the bundle (export --tensorrt)", ("fp32", "int8", "auto"),
+            "tensorrt", 0),  # fmt: skip
     Backend("openvino", "OpenVINO on Intel CPUs", ("fp32", "bf16", "int8", "auto"), "openvino", auto_rank=3),
 )
 

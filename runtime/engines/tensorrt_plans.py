@@ -53,10 +53,19 @@ def gpu_slug(gpu: GpuInfo) -> str:
     return f"{name}-{gpu.sm}"
 
 
-def engine_file_name(onnx_name: str, gpu: GpuInfo) -> str:
-    """backbone_<hash>.onnx -> backbone_<hash>.<gpu-slug>.engine"""
+def engine_file_name(onnx_name: str, gpu: GpuInfo, precision: str = "fp32") -> str:
+    """backbone_<hash>.onnx -> backbone_<hash>.<gpu-slug>.engine (fp32) or
+    backbone_<hash>.<gpu-slug>.<precision>.engine, so one bundle can hold the fp32 plan beside a reduced one
+    (`--recheck` runs both)."""
     stem = onnx_name.removesuffix(".onnx")
-    return f"{stem}.{gpu_slug(gpu)}.engine"
+    tag = "" if precision == "fp32" else "." + precision.replace("+", "-")
+    return f"{stem}.{gpu_slug(gpu)}{tag}.engine"
+
+
+def qdq_graph_name(onnx_name: str) -> str:
+    """backbone_<hash>.onnx -> backbone_<hash>.qdq.onnx: the signed-int8 Q/DQ graph TensorRT builds int8 from
+    (export --tensorrt --precision int8 keeps it in the bundle for ONNX Runtime's TensorRT EP)."""
+    return onnx_name.removesuffix(".onnx") + ".qdq.onnx"
 
 
 def check_compatible(record: EngineRecord, tensorrt_version: str, gpu: GpuInfo) -> str | None:
@@ -76,12 +85,39 @@ def records_for(manifest: Manifest, onnx_name: str) -> list[EngineRecord]:
     return [record for record in manifest.tensorrt if record.onnx == onnx_name]
 
 
-def choose_record(records: list[EngineRecord], tensorrt_version: str, gpu: GpuInfo) -> tuple[EngineRecord | None, str]:
-    """The first record that loads here, or (None, the reason the first one does not)."""
+# `run --precision` -> the engine precisions that serve it, best first. fp32 means an fp32 engine, never a
+# reduced one; int8 takes either int8 engine; auto (what the bundle offers) takes the fastest there is.
+RUN_TO_ENGINE_PRECISIONS = {
+    "fp32": ("fp32",),
+    "int8": ("int8+fp16", "int8"),
+    "auto": ("int8+fp16", "int8", "fp16", "fp32"),
+}
+
+
+def engine_precisions(run_precision: str) -> tuple[str, ...]:
+    """The engine precisions `run --precision run_precision` may load, best first; () when none can."""
+    return RUN_TO_ENGINE_PRECISIONS.get(run_precision, ())
+
+
+def choose_record(
+    records: list[EngineRecord], tensorrt_version: str, gpu: GpuInfo, precision: str = "fp32"
+) -> tuple[EngineRecord | None, str]:
+    """The record for run precision `precision` that loads here (the best precision first, then the first
+    GPU that matches), or (None, the one-line reason: no engine of that precision, naming those the bundle
+    has, or why the first engine of that precision does not load here)."""
+    wanted = engine_precisions(precision)
+    ranked = sorted((r for r in records if r.precision in wanted), key=lambda r: wanted.index(r.precision))
+    if not ranked:
+        have = ", ".join(dict.fromkeys(r.precision for r in records)) or "none"
+        onnx = records[0].onnx if records else "this graph"
+        return None, (
+            f"--precision {precision}: the bundle has no {'/'.join(wanted) or precision} TensorRT engine for {onnx} "
+            f"(it has: {have})"
+        )
     reasons = []
-    for record in records:
+    for record in ranked:
         reason = check_compatible(record, tensorrt_version, gpu)
         if reason is None:
             return record, ""
         reasons.append(reason)
-    return None, reasons[0] if reasons else "no TensorRT engine"
+    return None, reasons[0]

@@ -59,10 +59,10 @@ def test_profile_spans_one_tile_to_max_batch() -> None:
 @pytest.mark.parametrize(
     ("fp16", "int8", "network_flags", "flags", "cleared"),
     [
-        (False, False, 0, set(), {"TF32"}),  # fp32 means fp32: TF32 off
-        (True, False, 0, {"FP16"}, set()),
+        (False, False, 1 << 1, set(), {"TF32"}),  # strongly typed fp32; fp32 means fp32: TF32 off
+        (True, False, 0, {"FP16"}, set()),  # an fp32 graph: only the (deprecated) flag allows fp16
         (False, True, 1 << 1, set(), set()),  # strongly typed Q/DQ graph, no precision flags
-        (True, True, 0, {"INT8", "FP16"}, set()),
+        (True, True, 0, {"INT8", "FP16"}, set()),  # weakly typed Q/DQ graph: INT8 flag required
     ],
 )
 def test_builder_calls(
@@ -73,17 +73,21 @@ def test_builder_calls(
     shutil.copy(graph[0], onnx_path)
     build = TensorRTBuild(fp16=fp16, int8=int8, workspace_gb=1.5, max_batch=4, gpu_id=1)
     stack = check_build_stack(build)
-    assert cudart.device == 1 and stack.gpu.name == "NVIDIA Fake L4" and stack.gpu.compute_capability == "8.9"
+    assert stack.gpu.name == "NVIDIA Fake L4" and stack.gpu.compute_capability == "8.9"
     tiles = np.random.default_rng(0).normal(size=(12, 3, 32, 32)).astype(np.float32) if int8 else None
     record = build_engine(onnx_path, build, stack, tiles)
 
     (call,) = trt.builds
     assert call["network_flags"] == network_flags and call["flags"] == flags and call["cleared"] == cleared
+    assert call["device"] == 1  # built with the chosen GPU current in the building thread
     assert call["workspace"] == {"WORKSPACE": int(1.5 * 2**30)}
     assert call["profile"] == ("images", [1, 3, 32, 32], [4, 3, 32, 32], [4, 3, 32, 32])
     assert (call["onnx"] != str(onnx_path)) == int8  # INT8 builds from the Q/DQ graph, written elsewhere
-    assert record.engine == "backbone_0123456789abcdef.nvidia-fake-l4-sm89.engine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([onnx_path.name, record.engine])
+    tag = {"fp32": "", "fp16": ".fp16", "int8": ".int8", "int8+fp16": ".int8-fp16"}[build.precision]
+    assert record.engine == f"backbone_0123456789abcdef.nvidia-fake-l4-sm89{tag}.engine"
+    qdq = ["backbone_0123456789abcdef.qdq.onnx"] * int8  # kept for the TensorRT EP's int8 (run --device tensorrt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([onnx_path.name, record.engine, *qdq])
+    assert call["onnx"] == str(tmp_path / (qdq[0] if int8 else onnx_path.name))
     plan = (tmp_path / record.engine).read_bytes()
     parsed = onnx.load_from_string(plan[12 + int.from_bytes(plan[8:12], "little") :])
     assert (qdq_nodes(parsed) > 0) == int8
@@ -174,7 +178,7 @@ def test_export_writes_checked_engines_and_records(run: Path, tmp_path: Path, mo
     manifest = export_run(run, tmp_path / "b", tensorrt=TensorRTBuild(fp16=True, max_batch=4))
     (record,) = manifest.tensorrt
     (onnx_name,) = manifest.graphs
-    assert record.onnx == onnx_name and record.engine == onnx_name[:-5] + ".nvidia-fake-a10-sm86.engine"
+    assert record.onnx == onnx_name and record.engine == onnx_name[:-5] + ".nvidia-fake-a10-sm86.fp16.engine"
     assert record.tensorrt_version == trt.__version__ and record.compute_capability == "8.6"
     assert record.precision == "fp16" and record.profile.max == (4, 3, 32, 32)
     assert record.engine in manifest.files and onnx_name in manifest.files

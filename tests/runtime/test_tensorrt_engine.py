@@ -23,7 +23,6 @@ from tests import gpu_fakes
 from tilecore.export.bundle import export_run
 from tilecore.export.tensorrt_build import TensorRTBuild
 from tilecore.runtime import knn_gpu as knn_gpu_module
-from tilecore.runtime.engines import onnx_runtime as ort_module
 from tilecore.runtime.engines import opener as opener_module
 from tilecore.runtime.engines.base import BackendMissing, EngineOptions
 from tilecore.runtime.engines.onnx_runtime import choose_providers
@@ -94,8 +93,8 @@ def test_compatibility_check_names_the_mismatch() -> None:
     reason = check_compatible(record(), "10.8.0.43", GpuInfo(1, "NVIDIA A10G", "8.6"))
     assert "NVIDIA A10G" in reason and "rebuild" in reason
     orin = record(gpu_name="Orin", compute_capability="8.7", engine="backbone_ab.orin-sm87.engine")
-    assert choose_record([record(), orin], "10.8.0.43", GpuInfo(0, "Orin", "8.7")) == (orin, "")
-    chosen, reason = choose_record([record()], "10.8.0.43", GpuInfo(0, "Orin", "8.7"))
+    assert choose_record([record(), orin], "10.8.0.43", GpuInfo(0, "Orin", "8.7"), "auto") == (orin, "")
+    chosen, reason = choose_record([record()], "10.8.0.43", GpuInfo(0, "Orin", "8.7"), "auto")
     assert chosen is None and "Orin (8.7)" in reason
 
 
@@ -234,25 +233,13 @@ def test_tensorrt_ep_caches_plans_per_graph_outside_the_bundle(bundles: dict, tm
     """The EP's plans go to <user cache>/trt_ep/<graph sha256>, never into the (maybe read-only) bundle."""
     from tilecore.runtime.artifacts import sha256_file
 
-    sessions = []
+    fake_ort = gpu_fakes.install_ort(monkeypatch, loads={"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
-    class Session:
-        def __init__(self, path: str, options: object, providers: list) -> None:
-            sessions.append(providers)
+    class Sessions:  # the provider lists the sessions were asked for, the CPU probe's left out
+        def __getitem__(self, index: int) -> list:
+            return [s.asked for s in fake_ort.sessions if len(s.asked) > 1][index]
 
-        def get_providers(self) -> list[str]:
-            return [sessions[-1][0][0]]
-
-        def get_inputs(self) -> list:
-            return [types.SimpleNamespace(name="images")]
-
-    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    fake_ort = types.SimpleNamespace(
-        SessionOptions=ort_module.ort.SessionOptions,
-        InferenceSession=Session,
-        get_available_providers=lambda: available,
-    )
-    monkeypatch.setattr(ort_module, "ort", fake_ort)
+    sessions = Sessions()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     graph = onnx_of(bundles["plain"])
     open_engine(graph, EngineOptions("tensorrt"))
@@ -322,6 +309,153 @@ def test_faiss_indexes_share_one_bounded_gpu_resource(monkeypatch) -> None:
         np.testing.assert_array_equal(np.array(bank_scores), np.array(single[i // 4]))
     assert place_on_device(scorers, "cpu", gpu_id=0) == "cpu"
     assert place_on_device(scorers, "auto", gpu_id=2) == "cpu"  # no such GPU: stays on the CPU
+
+
+@pytest.fixture(scope="module")
+def reduced_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny run with an fp16 plan only, and with an int8 plan beside an fp32 one (built by the fake on A10)."""
+    from tilecore.export.bundle import file_checksums
+    from tilecore.export.tensorrt_build import build_engine, check_build_stack
+
+    root = tmp_path_factory.mktemp("trt_reduced")
+    run = gpu_fakes.tiny_run(root)
+    with pytest.MonkeyPatch.context() as patch:
+        gpu_fakes.install(patch, gpus=[A10])
+        export_run(run, root / "fp16", tensorrt=TensorRTBuild(fp16=True, max_batch=4))
+        export_run(run, root / "int8", tensorrt=TensorRTBuild(int8=True, max_batch=4, calibration_tiles=16))
+        manifest = read_manifest(root / "int8")
+        fp32 = TensorRTBuild(max_batch=4)
+        extra = build_engine(root / "int8" / manifest.tensorrt[0].onnx, fp32, check_build_stack(fp32), None)
+        both = replace(manifest, tensorrt=(*manifest.tensorrt, extra), files=file_checksums(root / "int8"))
+        write_manifest(root / "int8", both)
+    return {"fp16": root / "fp16", "int8": root / "int8"}
+
+
+def test_record_is_chosen_by_the_precision_asked_for() -> None:
+    a10 = GpuInfo(0, "NVIDIA A10", "8.6")
+    fp16, fp32 = record(), record(precision="fp32", engine="backbone_ab.nvidia-a10-sm86.fp32.engine")
+    int8 = record(precision="int8", engine="backbone_ab.nvidia-a10-sm86.int8.engine")
+    records = [fp16, fp32, int8]
+    assert choose_record(records, "10.8.0.43", a10, "fp32") == (fp32, "")
+    assert choose_record(records, "10.8.0.43", a10, "int8") == (int8, "")
+    assert choose_record(records, "10.8.0.43", a10, "auto") == (int8, "")  # the fastest the bundle has
+    assert choose_record([fp32, fp16], "10.8.0.43", a10, "auto") == (fp16, "")
+    chosen, reason = choose_record([fp16], "10.8.0.43", a10, "fp32")
+    assert chosen is None and reason == (
+        "--precision fp32: the bundle has no fp32 TensorRT engine for backbone_ab.onnx (it has: fp16)"
+    )
+    chosen, reason = choose_record([fp16, fp32], "10.8.0.43", a10, "int8")
+    assert chosen is None and reason.endswith("/int8 TensorRT engine for backbone_ab.onnx (it has: fp16, fp32)")
+
+
+def test_native_backend_loads_the_engine_of_the_precision_asked_for(reduced_bundles: dict, monkeypatch) -> None:
+    """fp32 never loads a reduced plan; int8 finds the int8 plan; --recheck's fp32 pass runs the fp32 plan."""
+    trt, _ = gpu_fakes.install(monkeypatch, gpus=[A10])
+    version = trt.__version__
+    with pytest.raises(BackendMissing, match=r"^--device tensorrt-native: --precision fp32: the bundle has no fp32 "
+                                             r"TensorRT engine for backbone_\w+\.onnx \(it has: fp16\)$"):  # fmt: skip
+        Predictor(reduced_bundles["fp16"], device="tensorrt-native")
+    auto = Predictor(reduced_bundles["fp16"], device="tensorrt-native", precision="auto")
+    assert auto.providers == [f"TensorRT {version} fp16 on NVIDIA Fake A10 (cuda:0)"]
+    fallback = Predictor(reduced_bundles["fp16"], device="auto")  # no fp32 plan: auto runs the fp32 graph instead
+    assert not any("TensorRT" in p for p in fallback.providers)
+
+    int8 = Predictor(reduced_bundles["int8"], device="tensorrt-native", precision="int8", recheck=1e9)
+    assert int8.providers == [f"TensorRT {version} int8 on NVIDIA Fake A10 (cuda:0)"]
+    (fp32_engine,) = int8.fp32_engines.values()
+    assert fp32_engine.provider == f"TensorRT {version} fp32 on NVIDIA Fake A10 (cuda:0)"
+    with pytest.raises(BackendMissing, match=r"--precision bf16: expected one of fp32, int8, auto"):
+        open_engine(onnx_of(reduced_bundles["int8"]), EngineOptions("tensorrt-native", precision="bf16"))
+
+
+def test_engine_is_used_and_freed_on_its_own_gpu_from_any_thread(bundles: dict, monkeypatch) -> None:
+    """CUDA's current device is per thread: a fresh thread (device 0) must run and free an engine on GPU 1."""
+    trt, cudart = gpu_fakes.install(monkeypatch, gpus=[ORIN, A10])
+    path = onnx_of(bundles["trt"])
+    native = open_engine(path, EngineOptions("tensorrt-native", gpu_id=1))
+    tiles = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    expected = open_engine(path, EngineOptions("cpu")).run(tiles)
+    with ThreadPoolExecutor(1) as pool:  # a thread that never set a device
+        np.testing.assert_allclose(pool.submit(native.run, tiles).result(), expected, rtol=1e-5, atol=1e-6)
+    assert native.cuda_device == 1
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(native.close).result()  # freeing from device 0 would touch the wrong GPU: the fake raises
+    assert cudart.buffers == {} and cudart.streams == set() and trt.engines == []
+
+    again = open_engine(path, EngineOptions("tensorrt-native", gpu_id=1))
+    finalizer = again._release
+    del again
+    assert not finalizer.alive  # collected: the finalizer freed everything (it sets the device itself)
+    assert cudart.buffers == {} and cudart.streams == set()
+
+
+def test_copies_are_visible_only_after_the_stream_synchronizes(monkeypatch) -> None:
+    """The fake's CUDA model: an async copy lands at the stream's synchronize, not before."""
+    _, cudart = gpu_fakes.install(monkeypatch, gpus=[A10])
+    stream = cudart.cudaStreamCreate()[1]
+    host = gpu_fakes.float_view(cudart.cudaMallocHost(16)[1], (4,))  # pinned, as the engine's buffers are
+    host[:] = np.arange(4)
+    device = cudart.cudaMalloc(host.nbytes)[1]
+    back = gpu_fakes.float_view(cudart.cudaMallocHost(16)[1], (4,))
+    back[:] = 0
+    kinds = gpu_fakes.MemcpyKind
+    cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, kinds.cudaMemcpyHostToDevice, stream)
+    cudart.cudaMemcpyAsync(back.ctypes.data, device, host.nbytes, kinds.cudaMemcpyDeviceToHost, stream)
+    assert not back.any()
+    cudart.cudaStreamSynchronize(stream)
+    np.testing.assert_array_equal(back, host)
+
+
+def test_fp16_io_engine_is_read_in_its_own_dtype(bundles: dict, monkeypatch) -> None:
+    trt, _ = gpu_fakes.install(monkeypatch, gpus=[A10])
+    trt.io_dtype = "HALF"  # an engine whose input and output tensors are float16
+    path = onnx_of(bundles["trt"])
+    native = open_engine(path, EngineOptions("tensorrt-native"))
+    assert native.host_in.dtype == native.host_out.dtype == np.float16
+    tiles = np.random.default_rng(2).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    expected = open_engine(path, EngineOptions("cpu")).run(tiles)
+    got = native.run(tiles)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-2 * np.abs(expected).max()  # fp16 I/O rounding only
+    trt.io_dtype = "INT8"
+    with pytest.raises(TilecoreError, match=r"^engine \S+\.engine: tensor images is DataType\.INT8, expected float32 "
+                                            r"or float16$"):  # fmt: skip
+        open_engine(path, EngineOptions("tensorrt-native"))
+
+
+@pytest.mark.parametrize(
+    ("failure", "error", "message"),
+    [
+        ("deserialize", BackendMissing, r"TensorRT could not deserialize \S+\.engine"),
+        ("context", BackendMissing, r"could not create an execution context for \S+\.engine"),
+        ("address", TilecoreError, r"TensorRT refused the address of tensor images"),
+    ],
+)
+def test_failed_tensorrt_calls_are_one_line_errors_and_free_everything(
+    bundles: dict, monkeypatch, failure: str, error: type, message: str
+) -> None:
+    trt, cudart = gpu_fakes.install(monkeypatch, gpus=[A10])
+    trt.fail = {failure}
+    with pytest.raises(error, match=message) as caught:
+        open_engine(onnx_of(bundles["trt"]), EngineOptions("tensorrt-native"))
+    assert "\n" not in str(caught.value)
+    caught = None
+    assert cudart.buffers == {} and cudart.streams == set()
+
+
+def test_faiss_moves_to_the_gpu_only_beside_a_gpu_engine(bundles: dict, monkeypatch) -> None:
+    moved = []
+    fake = types.SimpleNamespace(
+        StandardGpuResources=lambda: types.SimpleNamespace(setTempMemory=lambda size: None),
+        get_num_gpus=lambda: 2,
+        index_cpu_to_gpu=lambda res, device, index: moved.append(device) or index,
+    )
+    monkeypatch.setattr(knn_gpu_module, "faiss", fake)
+    fallen_back = Predictor(bundles["trt"], device="auto", gpu_id=1)  # no TensorRT here: a CPU backend runs
+    assert fallen_back.knn_device == "cpu" and moved == []
+    gpu_fakes.install(monkeypatch, gpus=[ORIN, A10])
+    native = Predictor(bundles["trt"], device="auto", gpu_id=1)
+    assert native.knn_device == "cuda:1" and moved and set(moved) == {1}
 
 
 def real_gpu_missing() -> str | None:
