@@ -2,7 +2,8 @@
 
 Per tile location: patch scores [h, w] -> tile map [th, tw] (bilinear upsampling + blur, as a single
 PatchCore model does) and tile score (max patch score). Per image: tile maps are untiled by pixel averaging
-and the seams smoothed; the image score is the mean (the paper's default) or the max of the tile scores.
+and the seams smoothed; the image score is the mean (the paper's default), the max or the mean of the top 3
+of the tile scores (IMAGE_SCORE_RULES).
 Normalisation happens per tile location before merging ("tile") or per member after it ("image").
 """
 
@@ -13,13 +14,29 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tilecore.runtime.anomaly_map import patch_scores_to_map
+from tilecore.runtime.anomaly_map import batch_to_maps
 from tilecore.runtime.calibration import FUSION_RULES, NormalStats, fuse, normalise_outputs
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.stage_timer import StageTimer
-from tilecore.runtime.tiling import TileGrid, smooth_seams, untile_mean
+from tilecore.runtime.tiling import TileGrid, smooth_seams_batch, untile_mean_batch
 
-IMAGE_SCORE_RULES = ("mean", "max")
+
+def top_k_mean(k: int) -> Callable[[np.ndarray], np.ndarray]:
+    """scores [B, T] -> [B]: the mean of each row's k highest (of all T when T < k)."""
+
+    def reduce(scores: np.ndarray) -> np.ndarray:
+        return np.mean(np.sort(scores, axis=1)[:, -k:], axis=1)
+
+    return reduce
+
+
+# image_score rule -> how tile scores [B, T] become image scores [B]
+IMAGE_SCORE_REDUCERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": lambda scores: np.mean(scores, axis=1),
+    "max": lambda scores: np.max(scores, axis=1),
+    "top3": top_k_mean(3),
+}
+IMAGE_SCORE_RULES = tuple(IMAGE_SCORE_REDUCERS)
 NORMALISATION_LEVELS = ("image", "tile")
 
 
@@ -56,12 +73,9 @@ class TileOutputs:
 
 def tile_outputs(patch_scores: np.ndarray, tile_scores: np.ndarray, grid: TileGrid, sigma: float) -> TileOutputs:
     """patch_scores [B, T, h, w], tile_scores [B, T] -> TileOutputs with maps at tile size."""
-    b, t = tile_scores.shape
-    maps = np.empty((b, t, grid.tile_h, grid.tile_w), dtype=np.float32)
-    for i in range(b):
-        for j in range(t):
-            maps[i, j] = patch_scores_to_map(patch_scores[i, j], grid.tile_h, grid.tile_w, sigma)
-    return TileOutputs(tile_scores.astype(np.float32), maps)
+    b, t, h, w = patch_scores.shape
+    maps = batch_to_maps(patch_scores.reshape(b * t, h, w), grid.tile_h, grid.tile_w, sigma)  # [B*T, th, tw]
+    return TileOutputs(tile_scores.astype(np.float32), maps.reshape(b, t, grid.tile_h, grid.tile_w))
 
 
 def score_locations(
@@ -96,14 +110,8 @@ def merge_tiles(outputs: TileOutputs, grid: TileGrid, rule: MergeRule) -> tuple[
     """TileOutputs -> (image scores [B], image maps [B, H, W])."""
     if grid.count == 1:
         return outputs.scores[:, 0], outputs.maps[:, 0, : grid.image_h, : grid.image_w]
-    reduce = np.mean if rule.image_score == "mean" else np.max
-    scores = reduce(outputs.scores, axis=1).astype(np.float32)
-    maps = np.stack(
-        [
-            smooth_seams(untile_mean(tile_maps, grid), grid, rule.seam_band, rule.seam_sigma)
-            for tile_maps in outputs.maps
-        ]
-    )
+    scores = IMAGE_SCORE_REDUCERS[rule.image_score](outputs.scores).astype(np.float32)  # [B]
+    maps = smooth_seams_batch(untile_mean_batch(outputs.maps, grid), grid, rule.seam_band, rule.seam_sigma)
     return scores, maps
 
 
@@ -150,4 +158,6 @@ def ensemble_result(
 ) -> tuple[np.ndarray, np.ndarray]:
     """All members' raw tile outputs -> fused (image scores [B], maps [B, H, W])."""
     results = [member_result(o, grid, rule, c) for o, c in zip(members, calibrations, strict=True)]
+    if len(results) == 1 and rule.fusion != "geometric":  # the mean or max of one member is that member
+        return results[0][0].astype(np.float32, copy=False), results[0][1].astype(np.float32, copy=False)
     return fuse([r[0] for r in results], rule.fusion), fuse([r[1] for r in results], rule.fusion)

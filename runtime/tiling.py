@@ -87,23 +87,46 @@ def cut_tiles(image: np.ndarray, grid: TileGrid, locations: list[int] | None = N
         raise TilecoreError(f"tiling: image {h}x{w} does not match the grid's {grid.image_h}x{grid.image_w}")
     chosen = list(range(grid.count)) if locations is None else locations
     all_locations = grid.locations()
-    tiles = np.zeros((len(chosen), c, grid.tile_h, grid.tile_w), dtype=image.dtype)
+    tiles = np.empty((len(chosen), c, grid.tile_h, grid.tile_w), dtype=image.dtype)
     for i, location in enumerate(chosen):
         y, x = grid.origin(*all_locations[location])
         inside = image[:, y : y + grid.tile_h, x : x + grid.tile_w]  # smaller than a tile at the padded edge
-        tiles[i, :, : inside.shape[1], : inside.shape[2]] = inside
+        ih, iw = inside.shape[1:]
+        tiles[i, :, :ih, :iw] = inside
+        tiles[i, :, ih:, :] = 0  # the padding, where the tile reaches past the image (empty slices elsewhere)
+        tiles[i, :, :ih, iw:] = 0
     return tiles
+
+
+@lru_cache(maxsize=16)
+def cover_counts(grid: TileGrid) -> np.ndarray:
+    """float64 [H, W]: how many tiles cover each image pixel (cached: read only)."""
+    count = np.zeros((grid.padded_h, grid.padded_w))
+    for r, c in grid.locations():
+        y, x = grid.origin(r, c)
+        count[y : y + grid.tile_h, x : x + grid.tile_w] += 1.0
+    count = np.ascontiguousarray(count[: grid.image_h, : grid.image_w])
+    count.setflags(write=False)
+    return count
+
+
+def untile_mean_batch(tiles: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Tile maps [B, T, th, tw] -> image maps [B, H, W] float32: the mean of every tile covering a pixel,
+    padding removed; summed in float64, so a pixel's copies average back to exactly its value."""
+    b, h, w = tiles.shape[0], grid.image_h, grid.image_w
+    total = np.zeros((b, h, w))  # [B, H, W] float64: only the image, never the padding
+    for j, (r, c) in enumerate(grid.locations()):
+        y, x = grid.origin(r, c)
+        inside_h, inside_w = min(grid.tile_h, h - y), min(grid.tile_w, w - x)  # the tile's part inside the image
+        total[:, y : y + inside_h, x : x + inside_w] += tiles[:, j, :inside_h, :inside_w]
+    merged = np.empty((b, h, w), dtype=np.float32)
+    np.divide(total, cover_counts(grid), out=merged, casting="unsafe")  # divided in float64, then rounded
+    return merged
 
 
 def untile_mean(tiles: np.ndarray, grid: TileGrid) -> np.ndarray:
     """Tile maps [T, th, tw] -> image map [H, W]: the mean of every tile covering a pixel, padding removed."""
-    total = np.zeros((grid.padded_h, grid.padded_w), dtype=np.float64)
-    count = np.zeros((grid.padded_h, grid.padded_w), dtype=np.float64)
-    for tile, (r, c) in zip(tiles, grid.locations(), strict=True):
-        y, x = grid.origin(r, c)
-        total[y : y + grid.tile_h, x : x + grid.tile_w] += tile
-        count[y : y + grid.tile_h, x : x + grid.tile_w] += 1.0
-    return (total / count)[: grid.image_h, : grid.image_w].astype(np.float32)
+    return untile_mean_batch(tiles[None], grid)[0]
 
 
 def seam_lines(grid: TileGrid) -> tuple[list[int], list[int]]:
@@ -128,12 +151,59 @@ def seam_band_mask(grid: TileGrid, band_fraction: float) -> np.ndarray:
     return mask
 
 
+@lru_cache(maxsize=16)
+def seam_bands(grid: TileGrid, band_fraction: float) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """The seam bands of seam_band_mask as merged [start, stop) intervals: (rows, columns)."""
+    band_h = max(1, round(band_fraction * grid.tile_h))
+    band_w = max(1, round(band_fraction * grid.tile_w))
+    rows, cols = seam_lines(grid)
+    return (
+        merged_intervals([(max(0, e - band_h), min(grid.image_h, e + band_h)) for e in rows]),
+        merged_intervals([(max(0, e - band_w), min(grid.image_w, e + band_w)) for e in cols]),
+    )
+
+
+def merged_intervals(intervals: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted [start, stop) intervals with overlapping or touching ones joined."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
 def smooth_seams(image_map: np.ndarray, grid: TileGrid, band_fraction: float, sigma: float) -> np.ndarray:
     """Gaussian-filter the map [H, W], keeping the filtered values only in the seam bands."""
+    return smooth_seams_batch(image_map[None], grid, band_fraction, sigma)[0]
+
+
+def smooth_seams_batch(maps: np.ndarray, grid: TileGrid, band_fraction: float, sigma: float) -> np.ndarray:
+    """smooth_seams for maps [B, H, W] float32, filtering only the strips the bands need.
+
+    A band [a, b) of rows reads the map's rows a - r .. b + r (r: the kernel radius), or up to the image
+    border, where the filter's reflection is the whole map's own; so each pixel of a band gets exactly the
+    value a filter over the whole map gives it. Columns alike."""
     if band_fraction <= 0 or sigma <= 0 or grid.count == 1:
-        return image_map
+        return maps
     from tilecore.runtime.anomaly_map import blur_kernel_size
 
     size = blur_kernel_size(sigma)
-    blurred = cv2.GaussianBlur(image_map, (size, size), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-    return np.where(seam_band_mask(grid, band_fraction), blurred, image_map).astype(np.float32)
+    radius = size // 2
+    row_bands, col_bands = seam_bands(grid, band_fraction)
+    h, w = maps.shape[1:]
+
+    def blur(strip: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(strip, (size, size), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
+    source = np.ascontiguousarray(maps, dtype=np.float32)
+    smoothed = source.copy()  # [B, H, W]; bands overwritten below, everything else kept as it was
+    for image, out in zip(source, smoothed, strict=True):
+        for a, b in row_bands:
+            low, high = max(0, a - radius), min(h, b + radius)
+            out[a:b] = blur(image[low:high])[a - low : b - low]
+        for a, b in col_bands:
+            low, high = max(0, a - radius), min(w, b + radius)
+            out[:, a:b] = blur(np.ascontiguousarray(image[:, low:high]))[:, a - low : b - low]
+    return smoothed

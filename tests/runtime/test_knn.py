@@ -54,3 +54,35 @@ def test_bad_bank_and_rule_are_refused() -> None:
         BankScorer.from_bank(np.zeros((0, 4), dtype=np.float32))
     with pytest.raises(TilecoreError, match="scoring rule"):
         BankScorer.from_bank(np.zeros((3, 4), dtype=np.float32), rule="mean")
+
+
+
+class CountedIndex:
+    """A FAISS index that records the bank and the number of queries of every search."""
+
+    def __init__(self, index, bank: int, searched: list[tuple[int, int]]) -> None:
+        self.index, self.bank, self.searched = index, bank, searched
+
+    def search(self, queries: np.ndarray, k: int):
+        self.searched.append((self.bank, len(queries)))
+        return self.index.search(queries, k)
+
+
+def test_a_batch_meets_each_bank_in_one_search() -> None:
+    """score_locations hands every bank all of a batch's patches at once: one search per bank and chunk."""
+    from tilecore.runtime.merge import score_locations
+    from tilecore.runtime.tiling import tile_grid
+
+    rng = np.random.default_rng(3)
+    grid = tile_grid((8, 8), (4, 4), (4, 4))  # 4 locations
+    banks = [rng.normal(size=(20, 6)).astype(np.float32) for _ in range(grid.count)]
+    scorers = [BankScorer.from_bank(bank) for bank in banks]
+    searched: list[tuple[int, int]] = []  # (bank, queries) of every search
+    for j, scorer in enumerate(scorers):
+        scorer.index = CountedIndex(scorer.index, j, searched)
+    embeddings = rng.normal(size=(5, grid.count, 2, 3, 6)).astype(np.float32)  # [B, T, h, w, D]
+    outputs = score_locations(lambda locations: embeddings[:, locations], scorers, grid, sigma=0.0, chunk=3)
+    assert sorted(searched) == [(j, 5 * 2 * 3) for j in range(grid.count)]  # once each, all 5 images' patches
+    for j, bank in enumerate(banks):  # and each location was scored against its own bank
+        expected = brute_force_nearest(bank, embeddings[:, j].reshape(-1, 6)).reshape(5, 2, 3).max(axis=(1, 2))
+        np.testing.assert_allclose(outputs.scores[:, j], expected, rtol=1e-5)
