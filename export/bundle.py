@@ -47,7 +47,7 @@ from tilecore.runtime.signing import load_private_key, sign_bundle
 from tilecore.runtime.tiling import TileGrid
 from tilecore.train.cascade_fit import describe, fit_cascade
 from tilecore.train.config import Config
-from tilecore.train.ensemble import CALIBRATION_FILE, bank_groups, bank_path, load_bank
+from tilecore.train.ensemble import CALIBRATION_FILE, search_banks
 from tilecore.train.model import Embedder, grid_for, load_embedder
 from tilecore.train.run_dir import load_run_config, read_metadata, run_categories
 from tilecore.train.run_images import VALIDATION, kept_images
@@ -73,12 +73,13 @@ def validation_queries(
 def export_member_banks(
     run_dir: Path, category: str, config: Config, member: int, embedder: Embedder, folder: Path, kind: str = "flat"
 ) -> tuple[list[str], list[IndexRecord]]:
-    """Write a member's FAISS indexes: (file serving each tile location, a record of each file's bank)."""
-    grid, _, stacked = grid_for(config)
+    """Write a member's FAISS indexes: (file serving each tile location, a record of each file's bank). Each
+    index holds the bank its locations search (train.ensemble.search_banks: with tiling.neighbourhood, the
+    union of the neighbourhood's banks), so the runtime routes tiles as for any per-location bank."""
+    grid, _, _ = grid_for(config)
     per_location: list[str] = [""] * grid.count
     records = []
-    for suffix, locations in bank_groups(grid, stacked):
-        bank = load_bank(bank_path(run_dir, category, member, suffix))  # [n, D]
+    for suffix, locations, bank in search_banks(config, run_dir, category, member):
         name = f"bank_m{member}_{suffix}.faiss"
         index = build_index(bank, kind, config.train.seed)
         recall = None

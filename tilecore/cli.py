@@ -105,11 +105,25 @@ def train(
     data: Annotated[Path | None, typer.Option(help="Dataset root, overriding data.root.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Backbone weights file for every member.")] = None,
     member: Annotated[int | None, typer.Option(help="Train only this member (0-based); combine later.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N, overriding train.device (auto: cuda if present).")
+    ] = None,
+    amp: Annotated[
+        str | None, typer.Option(help="off, bf16 or fp16 (cuda only): backbone autocast, overriding train.amp.")
+    ] = None,
 ) -> None:
     """Fit one PatchCore memory bank per category; re-running resumes where it stopped."""
-    from tilecore.train.config import load_config, validate
+    from tilecore.train.config import AMP_MODES, check_device_name, load_config, validate
 
+    if device is not None:
+        check_device_name(device, "--device")
+    if amp is not None and amp not in AMP_MODES:
+        raise TilecoreError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
     cfg = load_config(config)
+    if device is not None:
+        cfg.train.device = device
+    if amp is not None:
+        cfg.train.amp = amp
     if data is not None:
         cfg.data.root = str(data)
     if weights is not None:
@@ -127,7 +141,11 @@ def train(
             f"fit {stats['fit_seconds']:.1f} s, skipped {len(stats['skipped_images'])}"
         )
         console.print(escape(line), highlight=False, soft_wrap=True)
-    line = f"run written to {out} (weights: {metadata.get('weights_sources')}); evaluate it with `tilecore eval {out}`"
+    trained_on = metadata.get("train_device", {}).get("device")
+    line = (
+        f"run written to {out} (weights: {metadata.get('weights_sources')}, device: {trained_on}); "
+        f"evaluate it with `tilecore eval {out}`"
+    )
     console.print(escape(line), highlight=False, soft_wrap=True)
 
 
@@ -171,7 +189,9 @@ def export(
     index: Annotated[str, typer.Option(help="flat (exact), hnsw or ivfpq (approximate, recall measured).")] = "flat",
     tensorrt: Annotated[bool, typer.Option(help="Also build a TensorRT engine per backbone on this GPU.")] = False,
     workspace_gb: Annotated[float | None, typer.Option(help="TensorRT: builder workspace limit, GiB (2).")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="TensorRT: most tiles per engine call (8).")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="TensorRT: most tiles per engine call (4, the runtime's default batch).")
+    ] = None,
     gpu_id: Annotated[int | None, typer.Option(help="TensorRT: CUDA device to build on (0).")] = None,
     precision: Annotated[str, typer.Option(help=engine_table.export_precision_help())] = "",
     precision_floor: Annotated[float, typer.Option(help="Least label agreement with fp32 on validation.")] = 0.99,

@@ -7,8 +7,12 @@ Table 2 (in the spirit of Kondratyuk et al. 2020): tf_efficientnet_lite0/1/2 and
 in ensembles of two and three, accuracy vs backbone GFLOPs per image.
 
 Every configuration trains and evaluates in its own process (fit time and peak RSS are its own).
+`--variants` adds post-processing variants of the setups (e.g. `ENS9N,ENS9:image_score=max`): each reuses
+the banks of the setup it shares them with (a copy of that run, recalibrated: train.run_dir's no-refit path),
+so its time column is the recalibration's; a variant with no such setup among --setups is trained in full.
 
     .venv/bin/python tools/bench_setups.py --out runs/bench_setups
+    .venv/bin/python tools/bench_setups.py --setups ENS9 --variants ENS9N,ENS9N:image_score=top3
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,11 +38,50 @@ SMALL_BACKBONES = {  # name -> layers at strides 8 and 16
     "mobilenetv2_100": ["blocks.2", "blocks.4"],
 }
 # Defect area as a fraction of the image: the bins of the per-size breakdown.
+RESULT_FILE = "bench_result.json"  # a finished configuration's figures, in its run folder (--runs)
 SIZE_BINS = ((0.0, 0.001, "<0.1%"), (0.001, 0.005, "0.1-0.5%"), (0.005, 1.0, ">0.5%"))
 
 
 def member(backbone: str, coreset: float) -> dict:
     return {"backbone": backbone, "layers": SMALL_BACKBONES[backbone], "coreset_ratio": coreset}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, dict]]:
+    """"ENS9N" or "ENS9:image_score=max:fusion.rule=max" -> (preset, {section: {key: value}}); a key without
+    a section is a [tiling] key, and a value that is not JSON is a string."""
+    preset, *changes = spec.split(":")
+    overrides: dict[str, dict] = {}
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--variants {spec!r}: expected PRESET[:key=value...], got {change!r}")
+        section, _, name = key.rpartition(".")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        overrides.setdefault(section or "tiling", {})[name] = parsed
+    return preset, overrides
+
+
+def variant_config(base: dict, overrides: dict[str, dict]) -> dict:
+    raw = json.loads(json.dumps(base))  # a deep copy
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def bank_source(raw: dict, trained: dict[str, dict]) -> str | None:
+    """The trained setup (name -> config) whose banks `raw` reuses: one it differs from in post-processing
+    keys alone (train.config.POSTPROCESSING_KEYS), or None."""
+    from tilecore.train.config import config_from_dict
+    from tilecore.train.run_dir import changed_keys
+
+    config = config_from_dict(raw)
+    for name, base in trained.items():
+        if not changed_keys(config_from_dict(base), config)[0]:
+            return name
+    return None
 
 
 def setup_config(data: str, size: int, preset: str, seed: int, coreset: float) -> dict:
@@ -80,13 +124,20 @@ def run_worker(config_path: str, run_dir: str) -> dict:
     from tilecore.train.run_dir import peak_rss_mb
 
     config = load_config(config_path)
+    done = Path(run_dir) / RESULT_FILE
+    if done.is_file():  # --runs: a finished configuration is read back
+        return json.loads(done.read_text())
+    resumed = (Path(run_dir) / "metadata.json").is_file()
     started = time.perf_counter()
-    train_run(config, Path(run_dir))
+    metadata = train_run(config, Path(run_dir))
     fit_seconds = time.perf_counter() - started
+    if resumed:  # an earlier process fitted (some of) the banks: their fit times are in the run's metadata
+        fit_seconds = sum(c["fit_seconds"] for c in metadata["categories"].values())
     train_rss = peak_rss_mb()
     report = evaluate_run(Path(run_dir))
-    return {
+    result = {
         "fit_seconds": round(fit_seconds, 2),
+        "fit_seconds_from_metadata": resumed,
         "train_peak_rss_mb": round(train_rss, 1),
         "image_auroc": report["mean"]["image_auroc"],
         "aupro": report["mean"]["aupro"],
@@ -94,6 +145,8 @@ def run_worker(config_path: str, run_dir: str) -> dict:
         "per_category": {c: {k: m[k] for k in ("image_auroc", "aupro")} for c, m in report["categories"].items()},
         "size_bins": size_bin_auroc(Path(run_dir), config.data.image_size**2),
     }
+    done.write_text(json.dumps(result) + "\n")
+    return result
 
 
 def run_config(raw: dict, tmp: Path, name: str) -> dict:
@@ -107,6 +160,8 @@ def run_config(raw: dict, tmp: Path, name: str) -> dict:
 
 
 def mean_std(values: list[float]) -> str:
+    if not values:  # e.g. no defect of a size bin in a small test split
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -119,6 +174,8 @@ def setups_table(results: dict[str, list[dict]]) -> str:
     )
     lines = [head + " |", "|" + "---|" * (5 + len(bins))]
     for setup, runs in results.items():
+        source = runs[0].get("banks_from")
+        shown = f"{setup} (banks of {source}; time: recalibration)" if source else setup
         cells = [
             mean_std([r["image_auroc"] for r in runs]),
             mean_std([r["aupro"] for r in runs]),
@@ -126,7 +183,7 @@ def setups_table(results: dict[str, list[dict]]) -> str:
             f"{statistics.mean(r['train_peak_rss_mb'] for r in runs):.0f}",
         ]
         cells += [mean_std([r["size_bins"][b] for r in runs if r["size_bins"][b] is not None]) for b in bins]
-        lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -147,8 +204,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_setups", help="folder for bench.json and tables.md")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated PRESET[:key=value...] (e.g. ENS9N,ENS9:image_score=max), on the setups' banks",
+    )
+    parser.add_argument("--size", type=int, default=512, help="image size of the setups (the paper's 512)")
     parser.add_argument("--coreset", type=float, default=0.01, help="coreset ratio (PatchCore's ensemble 1%%)")
     parser.add_argument("--skip-efficiency", action="store_true")
+    parser.add_argument("--runs", help="keep the run folders here (a rerun reads finished ones back; default: none)")
     parser.add_argument("--tables-from", nargs="+", type=Path, help="only render tables from bench.json files")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,7 +232,9 @@ def main() -> None:
 
     from tilecore.train.synth import build_synth_dataset
 
-    for path, size in ((args.data, 512), (args.small_data, 256)):
+    specs = [spec for spec in args.variants.split(",") if spec]
+    variants = [parse_variant(spec) for spec in specs]  # a bad spec fails before any work
+    for path, size in ((args.data, args.size), (args.small_data, 256))[: 1 if args.skip_efficiency else 2]:
         if not (Path(path) / "dataset.json").is_file():
             build_synth_dataset(Path(path), size)
     data = str(Path(args.data).resolve())
@@ -176,13 +242,29 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"setups": {}, "efficiency": [], "coreset_ratio": args.coreset, "seeds": args.seeds}
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
+        tmp = Path(args.runs or tmp_name)
+        tmp.mkdir(parents=True, exist_ok=True)
         for setup in args.setups:
             runs = []
             for seed in args.seeds:
-                runs.append(run_config(setup_config(data, 512, setup, seed, args.coreset), tmp, f"{setup}_s{seed}"))
+                raw = setup_config(data, args.size, setup, seed, args.coreset)
+                runs.append(run_config(raw, tmp, f"{setup}_s{seed}"))
                 print(setup, seed, {k: runs[-1][k] for k in ("image_auroc", "aupro", "fit_seconds")}, flush=True)
             report["setups"][setup] = runs
+            (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        for v, (spec, (preset, overrides)) in enumerate(zip(specs, variants, strict=True)):
+            runs = []
+            for seed in args.seeds:
+                raw = variant_config(setup_config(data, args.size, preset, seed, args.coreset), overrides)
+                trained = {s: setup_config(data, args.size, s, seed, args.coreset) for s in args.setups}
+                source = bank_source(raw, trained)
+                name = f"variant{v}_s{seed}"
+                if source is not None and not (tmp / name).exists():  # its banks: a copy of that run, ...
+                    ignore = shutil.ignore_patterns(RESULT_FILE)  # ... recalibrated by the worker's train_run
+                    shutil.copytree(tmp / f"{source}_s{seed}", tmp / name, ignore=ignore)
+                runs.append({**run_config(raw, tmp, name), "banks_from": source})
+                print(spec, seed, {k: runs[-1][k] for k in ("image_auroc", "aupro", "fit_seconds")}, flush=True)
+            report["setups"][spec] = runs
             (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
         if not args.skip_efficiency:
             small = str(Path(args.small_data).resolve())
@@ -197,7 +279,8 @@ def main() -> None:
                     report["efficiency"].append(row)
                     print(combo, {k: row[k] for k in ("gflops", "image_auroc", "aupro")}, flush=True)
                     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    tables = f"## Setups at 512 px, seeds {args.seeds}, coreset {args.coreset}\n\n{setups_table(report['setups'])}\n"
+    heading = f"## Setups at {args.size} px, seeds {args.seeds}, coreset {args.coreset}"
+    tables = f"{heading}\n\n{setups_table(report['setups'])}\n"
     if report["efficiency"]:
         tables += f"\n## Small-model ensembles at 256 px (seed 0)\n\n{efficiency_table(report['efficiency'])}\n"
     (out / "tables.md").write_text(tables)

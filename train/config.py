@@ -17,19 +17,35 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import RULE_NEAREST, RULE_REWEIGHTED
 from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, MergeRule
 
+
+@dataclass(frozen=True)
+class Preset:
+    """A tile setup relative to the image size S (tile, stride and backbone input as fractions of S), and the
+    tiling.neighbourhood it implies unless the config sets that key itself."""
+
+    tile: float
+    stride: float
+    input: float
+    stacked: bool  # one bank shared by all tile locations
+    neighbourhood: int = 0  # each tile location searches the banks of the locations this many steps around
+
+
 # The paper's setups (Rolih et al., Table 1 at 512 px), relative to the image size S so that they scale
-# to 1024 and 2048: (tile, stride, backbone input size, stacked) as fractions of S. For a non-square
-# image_size [h, w], S is the shorter side: tiles stay square and the grid grows along the longer side.
+# to 1024 and 2048. For a non-square image_size [h, w], S is the shorter side: tiles stay square and the
+# grid grows along the longer side.
 PRESETS = {
-    "SM256": (1.0, 1.0, 0.5, False),  # single model on the image downscaled by 2
-    "SM512": (1.0, 1.0, 1.0, False),  # single model at full resolution
-    "ST4": (0.5, 0.5, 0.5, True),  # 2 x 2 tiles, one bank shared by all tiles
-    "ST9": (0.5, 0.25, 0.5, True),  # 3 x 3 overlapping tiles, one shared bank
-    "ENS4": (0.5, 0.5, 0.5, False),  # 2 x 2 tiles, one bank per tile location
-    "ENS9": (0.5, 0.25, 0.5, False),  # 3 x 3 overlapping tiles, one bank per tile location
+    "SM256": Preset(1.0, 1.0, 0.5, False),  # single model on the image downscaled by 2
+    "SM512": Preset(1.0, 1.0, 1.0, False),  # single model at full resolution
+    "ST4": Preset(0.5, 0.5, 0.5, True),  # 2 x 2 tiles, one bank shared by all tiles
+    "ST9": Preset(0.5, 0.25, 0.5, True),  # 3 x 3 overlapping tiles, one shared bank
+    "ENS4": Preset(0.5, 0.5, 0.5, False),  # 2 x 2 tiles, one bank per tile location
+    "ENS9": Preset(0.5, 0.25, 0.5, False),  # 3 x 3 overlapping tiles, one bank per tile location
+    "ENS9N": Preset(0.5, 0.25, 0.5, False, 1),  # ENS9's banks, each location searching its 3 x 3 neighbours'
 }
 
 CASCADE_MODES = ("auto", "off")  # export --cascade and [cascade] mode
+AMP_MODES = ("off", "bf16", "fp16")  # [train] amp: autocast dtype of the backbone (train.device)
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"  # [train] device and `train --device` (train.device resolves them)
 CHOICES = {
     ("data", "format"): ("auto", "mvtec", "mvtec_ad2", "visa", "visa_folders", "plain"),
     ("data", "bit_depth"): ("auto", 8, 10, 12, 14, 16),
@@ -40,6 +56,7 @@ CHOICES = {
     ("fusion", "rule"): FUSION_RULES,
     ("fusion", "threshold"): THRESHOLD_RULES,
     ("cascade", "mode"): CASCADE_MODES,
+    ("train", "amp"): AMP_MODES,
 }
 
 
@@ -74,6 +91,10 @@ class MemberConfig:
 @dataclass
 class TilingConfig:
     preset: str = ""  # one of PRESETS; sets tile_size, stride, input_size and stacked from image_size
+    # tile location (r, c) is scored against the union of the banks of every location (r', c') with
+    # max(|r - r'|, |c - c'|) <= neighbourhood (train.ensemble.neighbourhood_locations); 0: its own bank only.
+    # A preset's value applies when the config leaves this key out (config_from_dict).
+    neighbourhood: int = 0
     tile_size: list[int] = field(default_factory=list)  # [h, w]; empty: the whole image is one tile
     stride: list[int] = field(default_factory=list)  # [h, w]; empty: equal to tile_size
     input_size: list[int] = field(default_factory=list)  # [h, w] the backbone sees; empty: tile_size
@@ -107,6 +128,8 @@ class TrainConfig:
     pixels_per_pass: int = 262144  # backbone batch budget in input pixels (4 tiles of 256 x 256)
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; `train --device` wins
+    amp: str = "off"  # off, bf16 or fp16 (CUDA only): autocast of the backbone; embeddings are stored float32
 
 
 @dataclass
@@ -133,6 +156,27 @@ TABLES = {
     "train": TrainConfig,
     "cascade": CascadeConfig,
 }
+
+
+# Which keys define the memory banks. The post-processing keys change only what happens after the banks: which
+# banks a tile location searches, kNN scoring, maps, merging, normalisation, fusion, thresholds, cascades. A run
+# folder whose config differs from a new one in post-processing keys alone keeps its banks and is recalibrated
+# (train.run_dir.prepare_run_dir); every other key defines the banks, and a change to it is refused. The tiling's
+# GEOMETRY_KEYS count by the tile geometry they resolve to (tiling_geometry): ENS9 and ENS9N, or a preset and
+# the same sizes spelled out, share banks.
+ALL_KEYS = "*"
+POSTPROCESSING_KEYS: dict[str, tuple[str, ...] | str] = {
+    "tiling": ("neighbourhood", "image_score", "normalisation", "seam_band", "seam_sigma", "blur_sigma"),
+    "members": ("scoring", "num_neighbours"),  # how a bank is searched, not what it holds
+    "fusion": ALL_KEYS,
+    "cascade": ALL_KEYS,
+}
+GEOMETRY_KEYS = ("preset", "tile_size", "stride", "input_size", "stacked")  # [tiling]
+
+
+def is_postprocessing(section: str, key: str) -> bool:
+    keys = POSTPROCESSING_KEYS.get(section, ())
+    return keys == ALL_KEYS or key in keys
 
 
 TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
@@ -219,6 +263,9 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
         hint = " (members are [[members]] tables)" if unknown[0] == "model" else ""
         raise TilecoreError(f"{origin}: unknown section [{unknown[0]}]{hint}; allowed: {', '.join(allowed)}")
     built = {name: build_table(cls, raw.get(name, {}), name, origin) for name, cls in TABLES.items()}
+    tiling = built["tiling"]
+    if tiling.preset and "neighbourhood" not in raw.get("tiling", {}):  # a key the config sets wins
+        tiling.neighbourhood = PRESETS[tiling.preset].neighbourhood
     members_raw = raw.get("members", [{}])
     if not isinstance(members_raw, list) or not members_raw:
         raise TilecoreError(f"{origin}: members must be one or more [[members]] tables")
@@ -248,12 +295,20 @@ def tiling_geometry(config: Config) -> tuple[tuple[int, int], tuple[int, int], t
     s = min(hw)  # presets scale with the shorter side, so their tiles stay square
     t = config.tiling
     if t.preset:
-        tile, stride, model_input, stacked = PRESETS[t.preset]
-        return (round(tile * s),) * 2, (round(stride * s),) * 2, (round(model_input * s),) * 2, stacked
+        p = PRESETS[t.preset]
+        return (round(p.tile * s),) * 2, (round(p.stride * s),) * 2, (round(p.input * s),) * 2, p.stacked
     tile = pair(t.tile_size, "tile_size", "config") if t.tile_size else hw
     stride = pair(t.stride, "stride", "config") if t.stride else tile
     model_input = pair(t.input_size, "input_size", "config") if t.input_size else tile
     return tile, stride, model_input, t.stacked
+
+
+def check_device_name(value: str, where: str = "train.device") -> str:
+    """`value` if it is a device name training understands (its GPU is checked when the run starts)."""
+    kind, colon, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit() and index.isascii()):
+        return value
+    raise TilecoreError(f"{where} {value!r}: expected {DEVICE_FORMS}")
 
 
 def validate(config: Config, origin: str = "config") -> None:
@@ -273,6 +328,7 @@ def validate(config: Config, origin: str = "config") -> None:
         (0.0 <= t.seam_band <= 0.5, "tiling.seam_band", t.seam_band, "0 <= value <= 0.5"),
         (t.seam_sigma >= 0.0, "tiling.seam_sigma", t.seam_sigma, ">= 0"),
         (t.blur_sigma >= 0.0, "tiling.blur_sigma", t.blur_sigma, ">= 0"),
+        (t.neighbourhood >= 0, "tiling.neighbourhood", t.neighbourhood, "an integer >= 0"),
         (0.0 < f.quantile <= 1.0, "fusion.quantile", f.quantile, "0 < value <= 1"),
         (0.0 < f.pixel_quantile <= 1.0, "fusion.pixel_quantile", f.pixel_quantile, "0 < value <= 1"),
         (tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1"),
@@ -317,7 +373,13 @@ def validate(config: Config, origin: str = "config") -> None:
     for ok, key, value, expected in checks:
         if not ok:
             raise TilecoreError(f"{origin}: {key} = {value!r}; expected {expected}")
-    tile, stride, model_input, _ = tiling_geometry(config)
+    check_device_name(tr.device, f"{origin}: train.device")
+    tile, stride, model_input, stacked = tiling_geometry(config)
+    if stacked and t.neighbourhood > 0:
+        raise TilecoreError(
+            f"{origin}: tiling.neighbourhood = {t.neighbourhood} with stacked tiles; expected 0 (one stacked bank "
+            "already serves every tile location)"
+        )
     if min(model_input) < 32:
         raise TilecoreError(f"{origin}: tiling input size {model_input}; expected at least 32 pixels")
     from tilecore.runtime.tiling import tile_grid

@@ -29,6 +29,44 @@ def bank_groups(grid: TileGrid, stacked: bool) -> list[tuple[str, list[int]]]:
     return [(f"t{r}_{c}", [i]) for i, (r, c) in enumerate(grid.locations())]
 
 
+def neighbourhood_locations(grid: TileGrid, radius: int) -> list[list[int]]:
+    """For each tile location (r, c), in grid order, the locations (r', c') with max(|r - r'|, |c - c'|) <=
+    radius, in grid order: 0 gives each location alone, radius >= the grid's size gives every location."""
+    cells = grid.locations()
+    return [
+        [j for j, (r2, c2) in enumerate(cells) if max(abs(r - r2), abs(c - c2)) <= radius] for r, c in cells
+    ]
+
+
+def union_name(grid: TileGrid, locations: list[int]) -> str:
+    """The bank name suffix of the union of a neighbourhood's banks: the rectangle of locations it covers."""
+    rows = [j // grid.cols for j in locations]
+    cols = [j % grid.cols for j in locations]
+    return f"r{min(rows)}-{max(rows)}_c{min(cols)}-{max(cols)}"
+
+
+def search_banks(config: Config, run_dir: Path, category: str, member: int) -> list[tuple[str, list[int], np.ndarray]]:
+    """(name suffix, tile locations it serves, bank [n, D]) for each bank member `member`'s tile locations are
+    scored against: the stored banks (bank_groups) as they are, or with tiling.neighbourhood > 0 for each
+    location the row concatenation, in location order, of its neighbourhood's stored banks. Locations whose
+    neighbourhoods are the same share one union. PyTorch scoring, calibration and export all read banks here."""
+    from tilecore.train.model import grid_for
+
+    grid, _, stacked = grid_for(config)
+    groups = bank_groups(grid, stacked)
+    stored = [load_bank(bank_path(run_dir, category, member, suffix)) for suffix, _ in groups]  # each [n_i, D]
+    radius = config.tiling.neighbourhood
+    if radius == 0 or stacked or grid.count == 1:  # stacked: config validation refuses a neighbourhood
+        return [(suffix, locations, bank) for (suffix, locations), bank in zip(groups, stored, strict=True)]
+    served: dict[tuple[int, ...], list[int]] = {}  # neighbourhood -> the locations whose neighbourhood it is
+    for location, neighbours in enumerate(neighbourhood_locations(grid, radius)):
+        served.setdefault(tuple(neighbours), []).append(location)
+    return [
+        (union_name(grid, list(neighbours)), locations, np.concatenate([stored[j] for j in neighbours]))  # [sum n_j, D]
+        for neighbours, locations in served.items()
+    ]
+
+
 def bank_path(run_dir: Path, category: str, member: int, suffix: str) -> Path:
     return run_dir / category / BANKS_DIR / f"m{member}_{suffix}.safetensors"
 
@@ -54,7 +92,7 @@ class CategoryModel:
     config: Config
     grid: TileGrid
     embedders: list[Embedder]
-    scorers: list[list[BankScorer]]  # [member][tile location]; stacked banks repeat one scorer
+    scorers: list[list[BankScorer]]  # [member][tile location]; a stacked bank or a shared union repeats one scorer
     calibrations: list[MemberCalibration] | None = None
     thresholds: dict | None = None
 
@@ -100,12 +138,11 @@ def load_category_model(
 ) -> CategoryModel:
     from tilecore.train.model import grid_for
 
-    grid, _, stacked = grid_for(config)
+    grid, _, _ = grid_for(config)
     scorers = []
     for i, member in enumerate(config.members):
         per_location: list[BankScorer | None] = [None] * grid.count
-        for suffix, locations in bank_groups(grid, stacked):
-            bank = load_bank(bank_path(run_dir, category, i, suffix))
+        for _, locations, bank in search_banks(config, run_dir, category, i):
             scorer = BankScorer.from_bank(bank, member.scoring, member.num_neighbours)
             for location in locations:
                 per_location[location] = scorer

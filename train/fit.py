@@ -37,9 +37,10 @@ from tilecore.runtime.image_io import read_rgb
 from tilecore.runtime.merge import MemberCalibration, TileOutputs, member_result, merge_tiles
 from tilecore.train.backbones import resolve_out_indices
 from tilecore.train.config import Config
-from tilecore.train.coreset import approximate_greedy_coreset
+from tilecore.train.coreset import greedy_coreset
 from tilecore.train.data import CategoryData, Sample, config_categories, load_config_category
 from tilecore.train.data_checks import ImageCensus, check_bank_size, check_category_images, check_spread
+from tilecore.train.device import Placement, knn_on_device, resolve_placement
 from tilecore.train.ensemble import (
     CALIBRATION_FILE,
     CategoryModel,
@@ -115,10 +116,11 @@ def fit_bank(
     features = torch.from_numpy(np.concatenate(chunks))  # [N, D]
     del chunks
     task = progress.add_task(f"{label}: coreset", total=1)
-    indices = approximate_greedy_coreset(
+    indices = greedy_coreset(
         features,
         config.members[member].coreset_ratio,
         seed=config.train.seed + 1000 * member + locations[0],  # distinct, reproducible per bank
+        device=embedder.device,  # NumPy on the CPU, torch on a GPU (train.coreset)
         on_progress=lambda done, total: progress.update(task, completed=done, total=total),
     )
     return np.ascontiguousarray(features.numpy()[np.sort(indices)])
@@ -263,16 +265,20 @@ def check_bank_sizes(config: Config, indices: list[int], censuses: dict[str, Ima
                 raise TilecoreError(f"category {name}: {exc}") from None
 
 
-def member_embedders(config: Config, run_dir: Path, indices: list[int]) -> dict[int, Embedder]:
-    """Load each member's saved embedder, creating (and saving) it on first use."""
+def member_embedders(
+    config: Config, run_dir: Path, indices: list[int], placement: Placement | None = None
+) -> dict[int, Embedder]:
+    """Load each member's saved embedder, creating (and saving) it on first use; placed on `placement`'s device."""
     embedders = {}
     sources = {}
     for i in indices:
         if embedder_path(run_dir, i).is_file():
             embedders[i] = load_embedder(config, run_dir, i)
-            continue
-        embedders[i], sources[i] = create_embedder(config, i)
-        save_embedder(embedders[i], run_dir, i)
+        else:
+            embedders[i], sources[i] = create_embedder(config, i)
+            save_embedder(embedders[i], run_dir, i)
+        if placement is not None:
+            embedders[i].place(placement.device, placement.autocast)
     if sources:
         known = read_metadata(run_dir).get("weights_sources", {})
         known.update({str(i): s for i, s in sources.items()})
@@ -285,6 +291,7 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
     progress = progress or Progress(disable=True)
     if member is not None and not 0 <= member < len(config.members):
         raise TilecoreError(f"--member {member}: expected 0..{len(config.members) - 1}")
+    placement = resolve_placement(config.train.device, config.train.amp)  # a missing GPU is refused here
     categories = config_categories(config)
     datasets = [load_config_category(config, c) for c in categories]
     check_before_work(config, datasets)
@@ -305,9 +312,15 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
         map_rule=MAP_RULE,
         resumed=resuming,
         category_names=categories,  # export lists the run's categories from here, not from the dataset
-        tiling={**grid.to_dict(), "backbone_input": list(model_input), "stacked": stacked},
+        tiling={
+            **grid.to_dict(),
+            "backbone_input": list(model_input),
+            "stacked": stacked,
+            "neighbourhood": config.tiling.neighbourhood,  # banks each location searches (train.ensemble)
+        },
     )
-    embedders = member_embedders(config, run_dir, indices)
+    update_metadata(run_dir, train_device=placement.to_dict())  # where the banks of this (last) session came from
+    embedders = member_embedders(config, run_dir, indices, placement)
     for data in datasets:
         skipped: list[str] = []
         started = time.perf_counter()
@@ -346,9 +359,10 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
             log.info("%s: already calibrated, skipping", data.name)
             continue
         missing = [j for j in range(len(config.members)) if j not in embedders]
-        embedders.update(member_embedders(config, run_dir, missing))
+        embedders.update(member_embedders(config, run_dir, missing, placement))
         everyone = [embedders[j] for j in range(len(config.members))]
         model = load_category_model(config, run_dir, data.name, everyone, calibrated=False)
+        update_metadata(run_dir, train_device={**placement.to_dict(), "knn": knn_on_device(model.scorers, placement)})
         calibration = calibrate(model, data, skipped, progress)
         atomic_write_json(calibration_path, calibration)
         stats = read_metadata(run_dir).get("categories", {})

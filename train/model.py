@@ -26,6 +26,7 @@ class Embedder:
     grid: TileGrid
     input_hw: tuple[int, int]  # each tile is resized to this before the backbone
     pixels_per_pass: int = 4 * 256 * 256  # backbone batch budget; CPUs slow down sharply past a few tiles
+    device: torch.device = torch.device("cpu")  # where the net runs (place); embeddings come back as NumPy
 
     def normalise(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """RGB uint8 images -> normalised images [3, H, W] at the working resolution."""
@@ -37,8 +38,17 @@ class Embedder:
         batch = np.stack([tiles_at(image, self.grid, locations, self.input_hw) for image in normalised])
         b, t = batch.shape[:2]  # [B, T', 3, in_h, in_w]
         flat = torch.from_numpy(batch.reshape(b * t, *batch.shape[2:]))  # [B*T', 3, in_h, in_w]
-        embeddings = torch.cat([self.net(chunk) for chunk in flat.split(self.tiles_per_pass)])  # [B*T', h, w, D]
+        # on the CPU .to, .float and .cpu return their input: the same tensors as without a device
+        passes = [self.net(chunk.to(self.device)).float().cpu() for chunk in flat.split(self.tiles_per_pass)]
+        embeddings = torch.cat(passes)  # [B*T', h, w, D] float32
         return embeddings.numpy().reshape(b, t, *embeddings.shape[1:])
+
+    def place(self, device: torch.device, autocast: torch.dtype | None = None) -> Embedder:
+        """Run the net on `device`, its backbone under autocast to `autocast` (None: float32); returns self."""
+        self.net.to(device)
+        self.net.autocast = autocast
+        self.device = device
+        return self
 
     def embed(self, images: list[np.ndarray], locations: list[int] | None = None) -> np.ndarray:
         """RGB uint8 images -> patch embeddings [B, T', h, w, D] (all tile locations by default)."""

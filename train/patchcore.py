@@ -74,9 +74,20 @@ class PatchEmbedder(nn.Module):
         self.num_layers = len(kernels)
         self.target_dim = target_dim
         self.bands = [nonzero_rows(kernel) for kernel in kernels]  # fixed by the sizes, not by the weights
+        # training's --amp: the backbone runs under autocast to this dtype, the head in float32; None (export,
+        # evaluation, the CPU default) leaves the graph as it is
+        self.autocast: torch.dtype | None = None
+
+    def backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's feature maps, list of [B, C_l, h_l, w_l] float32, shallow to deep."""
+        if self.autocast is None:
+            return self.features(images)
+        with torch.autocast(images.device.type, dtype=self.autocast):
+            maps = self.features(images)
+        return [feature.float() for feature in maps]  # the head and everything after it stay float32
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.features(images)  # list of [B, C_l, h_l, w_l], shallow to deep
+        maps = self.backbone_maps(images)  # list of [B, C_l, h_l, w_l], shallow to deep
         grid = maps[0].shape[-2:]
         embedding = None
         for i, feature in enumerate(maps):

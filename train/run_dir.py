@@ -12,7 +12,7 @@ from typing import Any
 
 from tilecore.runtime.artifacts import atomic_write_json
 from tilecore.runtime.errors import TilecoreError
-from tilecore.train.config import Config, config_from_dict
+from tilecore.train.config import GEOMETRY_KEYS, Config, config_from_dict, is_postprocessing, tiling_geometry
 
 log = logging.getLogger("tilecore")
 
@@ -25,6 +25,7 @@ BANKS_DIR = "banks"  # per category: one memory bank per (member, tile location)
 CALIBRATION_FILE = "calibration.json"  # per category, written last
 KEPT_DIR = "kept"  # per category: the images export needs (train.run_images)
 KEPT_FILE = "kept.json"
+TEST_SCORES_FILE = "test_scores.json"  # per category, written by `tilecore eval` (train.evaluate)
 CATEGORY_ENTRIES = (SPLIT_FILE, BANKS_DIR, CALIBRATION_FILE, KEPT_DIR, KEPT_FILE)
 
 
@@ -65,13 +66,46 @@ def finished_banks(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(f"*/{BANKS_DIR}/*.safetensors"))
 
 
-def stored_config(config_path: Path) -> Any:
+def stored_config(config_path: Path) -> Config | None:
     """The config a run folder holds, or None where that file is not a tilecore run config."""
     try:
         # read back through the schema, so a run written before a newer table (with its defaults) resumes
-        return config_from_dict(read_json(config_path), str(config_path)).to_dict()
+        return config_from_dict(read_json(config_path), str(config_path))
     except TilecoreError:
         return None
+
+
+def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(bank-defining, post-processing) keys whose values differ between two configs, as dotted names
+    (`members[1].layers`); train.config.POSTPROCESSING_KEYS says which is which."""
+    banks: list[str] = []
+    post: list[str] = []
+    geometry: list[str] = []
+    a, b = old.to_dict(), new.to_dict()
+    for section in a:
+        if section == "members":
+            if len(a[section]) != len(b[section]):
+                banks.append("members (their number)")
+            pairs = [(f"members[{i}]", x, y) for i, (x, y) in enumerate(zip(a[section], b[section], strict=False))]
+        else:
+            pairs = [(section, a[section], b[section])]
+        for name, x, y in pairs:
+            for key in (k for k in x if x[k] != y[k]):
+                if section == "tiling" and key in GEOMETRY_KEYS:
+                    geometry.append(f"{name}.{key}")
+                else:
+                    (post if is_postprocessing(section, key) else banks).append(f"{name}.{key}")
+    same_tiles = tiling_geometry(old) == tiling_geometry(new)  # e.g. ENS9 -> ENS9N, or a preset spelled out
+    (post if same_tiles else banks).extend(geometry)
+    return banks, post
+
+
+def clear_calibrations(run_dir: Path) -> None:
+    """Remove each category's calibration and evaluation, and the run's metrics: what post-processing changes."""
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    for folder in (p for p in run_dir.iterdir() if p.is_dir() and (p / SPLIT_FILE).is_file()):  # categories
+        for name in (CALIBRATION_FILE, TEST_SCORES_FILE):
+            (folder / name).unlink(missing_ok=True)
 
 
 def clear_unfinished_run(run_dir: Path) -> None:
@@ -96,27 +130,43 @@ def clear_unfinished_run(run_dir: Path) -> None:
         leftover.unlink()
 
 
-def prepare_run_dir(run_dir: Path, config: Config) -> bool:
-    """Create `run_dir` for `config`; returns True when resuming a run with the same config.
+def remove_leftovers(run_dir: Path) -> None:
+    for leftover in run_dir.rglob(".*.tmp"):  # half-written files of a killed run
+        leftover.unlink()
 
-    A folder that holds a run with a different config is refused once that run has a finished bank; before
-    that (a run that failed in its first steps, e.g. on weights or data) it is replaced, so that a corrected
-    config can take the same --out.
+
+def prepare_run_dir(run_dir: Path, config: Config) -> bool:
+    """Create `run_dir` for `config`; returns True when resuming a run (same banks).
+
+    A folder that holds a run whose config differs in post-processing keys alone (train.config
+    POSTPROCESSING_KEYS) keeps its banks: the calibrations are removed (train_run redoes them) and the new
+    config is written. A change to a bank-defining key is refused once that run has a finished bank; before
+    that (a run that failed in its first steps, e.g. on weights or data) the run is replaced, so that a
+    corrected config can take the same --out.
     """
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file():
         stored = stored_config(config_path)
         if stored is None:  # someone else's config.json: nothing here is tilecore's to replace
             raise TilecoreError(f"run {run_dir}: folder exists and is not a tilecore run; choose another --out")
-        if stored == config.to_dict():
-            for leftover in run_dir.rglob(".*.tmp"):  # half-written files of a killed run
-                leftover.unlink()
+        if stored.to_dict() == config.to_dict():
+            remove_leftovers(run_dir)
             return True
+        bank_keys, post_keys = changed_keys(stored, config)
         banks = finished_banks(run_dir)
+        if not bank_keys:
+            remove_leftovers(run_dir)
+            log.info(
+                "run %s: post-processing keys changed (%s); reusing its %d bank(s) and recalibrating",
+                run_dir, ", ".join(post_keys), len(banks),
+            )  # fmt: skip
+            clear_calibrations(run_dir)
+            atomic_write_json(config_path, config.to_dict())
+            return True
         if banks:
             raise TilecoreError(
-                f"run {run_dir}: holds a run with a different config and {len(banks)} finished bank(s); "
-                "choose another --out or delete it"
+                f"run {run_dir}: holds a run with a different config and {len(banks)} finished bank(s) "
+                f"(bank-defining keys changed: {', '.join(bank_keys)}); choose another --out or delete it"
             )
         log.info("run %s: replacing an unfinished run (no bank written) with a different config", run_dir)
         clear_unfinished_run(run_dir)

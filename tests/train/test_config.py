@@ -36,6 +36,7 @@ def test_toml_members_and_round_trip(tmp_path: Path) -> None:
         (512, "ST9", ((256, 256), (128, 128), (256, 256), True)),
         (512, "ENS4", ((256, 256), (256, 256), (256, 256), False)),
         (512, "ENS9", ((256, 256), (128, 128), (256, 256), False)),
+        (512, "ENS9N", ((256, 256), (128, 128), (256, 256), False)),
         (1024, "ENS9", ((512, 512), (256, 256), (512, 512), False)),
         (2048, "SM256", ((2048, 2048), (2048, 2048), (1024, 1024), False)),
     ],
@@ -43,6 +44,23 @@ def test_toml_members_and_round_trip(tmp_path: Path) -> None:
 def test_presets_scale_with_the_image(size: int, preset: str, expected: tuple) -> None:
     config = config_from_dict({"data": {"image_size": size}, "tiling": {"preset": preset}})
     assert tiling_geometry(config) == expected
+
+
+@pytest.mark.parametrize(
+    ("tiling", "expected"),
+    [
+        ({}, 0),
+        ({"preset": "ENS9"}, 0),
+        ({"preset": "ENS9N"}, 1),
+        ({"preset": "ENS9N", "neighbourhood": 2}, 2),  # a key the config sets wins over the preset's
+        ({"preset": "ENS9N", "neighbourhood": 0}, 0),
+        ({"tile_size": [128], "stride": [64], "neighbourhood": 3}, 3),
+    ],
+)
+def test_neighbourhood_from_the_preset_unless_set(tiling: dict, expected: int) -> None:
+    config = config_from_dict({"tiling": tiling})
+    assert config.tiling.neighbourhood == expected
+    assert config_from_dict(config.to_dict()) == config  # what a run folder stores reads back the same
 
 
 @pytest.mark.parametrize(
@@ -62,6 +80,14 @@ def test_presets_scale_with_the_image(size: int, preset: str, expected: tuple) -
         ({"tiling": {"tile_size": [128], "stride": [200]}}, "tile stride 200x200"),
         ({"tiling": {"preset": "ENS9", "stride": [64]}}, "either a preset or"),
         ({"tiling": {"preset": "ENS16"}}, "tiling.preset = 'ENS16'; allowed"),
+        ({"tiling": {"neighbourhood": -1}}, r"tiling.neighbourhood = -1; expected an integer >= 0"),
+        ({"tiling": {"neighbourhood": 1.5}}, r"tiling.neighbourhood: got number 1.5, expected integer"),
+        ({"tiling": {"preset": "ST9", "neighbourhood": 1}}, r"tiling.neighbourhood = 1 with stacked tiles; expected 0"),
+        (
+            {"tiling": {"tile_size": [128], "stacked": True, "neighbourhood": 2}},
+            r"tiling.neighbourhood = 2 with stacked tiles",
+        ),
+        ({"tiling": {"image_score": "top5"}}, r"tiling.image_score = 'top5'; allowed: 'mean', 'max', 'top3'"),
     ],
 )
 def test_bad_configs_name_the_key(raw: dict, message: str) -> None:

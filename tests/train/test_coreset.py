@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tilecore.runtime.errors import TilecoreError
-from tilecore.train.coreset import approximate_greedy_coreset, coreset_size
+from tilecore.train.coreset import approximate_greedy_coreset, coreset_size, torch_greedy_coreset
 
 
 def exact_greedy(points: np.ndarray, start: int, size: int) -> list[int]:
@@ -49,3 +49,10 @@ def test_ratio_one_keeps_everything_and_bad_ratio_fails() -> None:
     assert approximate_greedy_coreset(features, 1.0).tolist() == list(range(10))
     with pytest.raises(TilecoreError, match="ratio"):
         approximate_greedy_coreset(features, 0.0)
+
+
+def test_torch_path_matches_exact_greedy_when_no_projection_is_needed() -> None:
+    """The torch loop GPUs run (train.coreset.torch_greedy_coreset), here on the CPU: the same exact-greedy picks."""
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    ours = torch_greedy_coreset(features, ratio=0.1, seed=3, projection_dim=128)
+    assert ours.tolist() == exact_greedy(features.numpy().astype(np.float64), int(ours[0]), 30)
