@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tilecore.runtime.anomaly_map import axis_operator, batch_to_maps, blur_kernel_size
+from tilecore.runtime.anomaly_map import patch_scores_to_map as slow_tile_map  # one tile at a time, in OpenCV
 from tilecore.runtime.calibration import NormalStats, fuse, normalise_outputs
 from tilecore.runtime.merge import MemberCalibration, MergeRule, TileOutputs, ensemble_result, merge_tiles, tile_outputs
 from tilecore.runtime.tiling import seam_band_mask, smooth_seams_batch, tile_grid, untile_mean, untile_mean_batch
@@ -25,15 +26,6 @@ GRIDS = [
     ((50, 44), (20, 16), (10, 12)),
     ((9, 10), (4, 3), (1, 2)),
 ]
-
-
-def slow_tile_map(patch_scores: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
-    """The former patch_scores_to_map, one tile at a time: OpenCV bilinear resize, then its Gaussian blur."""
-    upsampled = cv2.resize(patch_scores.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    if sigma <= 0:
-        return upsampled
-    size = blur_kernel_size(sigma)
-    return cv2.GaussianBlur(upsampled, (size, size), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def slow_untile(tiles: np.ndarray, grid) -> np.ndarray:
