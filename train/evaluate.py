@@ -22,7 +22,7 @@ from tilecore.train.config import Config, image_hw
 from tilecore.train.data import Sample, config_categories, load_config_category
 from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
 from tilecore.train.fit import read_batches
-from tilecore.train.metrics import summarize
+from tilecore.train.metrics import pixel_truth, summarize
 from tilecore.train.model import load_embedder
 from tilecore.train.run_dir import METRICS_FILE, load_run_config, update_metadata
 
@@ -151,8 +151,9 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
         # pixel metrics over the images whose ground truth is known: normals, and anomalous ones with a mask
         known = [i for i, m in enumerate(masks) if m is not None]
         pixel_known = any(labels[i] == 1 for i in known)
-        known_masks = np.stack([masks[i] for i in known]) if pixel_known else None  # [K, H, W]
-        metrics = summarize(labels, scores, known_masks, maps[known] if pixel_known else None)
+        # regions and PRO weights found once, for the full ensemble's maps and the cascade's
+        truth = pixel_truth(np.stack([masks[i] for i in known]), f"{category}: pixel metrics") if pixel_known else None
+        metrics = summarize(labels, scores, truth, maps[known] if pixel_known else None)  # masks [K, H, W]
         metrics["masked_anomalous_images"] = sum(int(labels[i] == 1) for i in known)
         metrics.update(threshold_metrics(labels, scores, model.thresholds["image"]))
         metrics["test_images"] = len(kept)
@@ -160,7 +161,7 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
             staged = scored.cascade
             cascade_maps = staged.maps[known] if pixel_known else None
             metrics["cascade"] = {
-                **summarize(labels, staged.scores, known_masks, cascade_maps),
+                **summarize(labels, staged.scores, truth, cascade_maps),
                 **cascade_cost(cascade, staged, scores >= model.thresholds["image"], model.thresholds["image"]),
             }
         metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
