@@ -71,6 +71,8 @@ def fuse(values: list[np.ndarray], rule: str) -> np.ndarray:
     """Fuse normalised member outputs of equal shape (scores or maps) element-wise."""
     if rule not in FUSION_RULES:
         raise TilecoreError(f"fusion rule {rule!r}: expected one of {', '.join(FUSION_RULES)}")
+    if len(values) == 1 and rule != "geometric":  # the mean or max of one member is that member (a copy)
+        return np.asarray(values[0]).astype(np.float32)
     stacked = np.stack(values)  # [M, ...]
     if rule == "mean":
         return stacked.mean(axis=0).astype(np.float32)

@@ -158,6 +158,4 @@ def ensemble_result(
 ) -> tuple[np.ndarray, np.ndarray]:
     """All members' raw tile outputs -> fused (image scores [B], maps [B, H, W])."""
     results = [member_result(o, grid, rule, c) for o, c in zip(members, calibrations, strict=True)]
-    if len(results) == 1 and rule.fusion != "geometric":  # the mean or max of one member is that member
-        return results[0][0].astype(np.float32, copy=False), results[0][1].astype(np.float32, copy=False)
     return fuse([r[0] for r in results], rule.fusion), fuse([r[1] for r in results], rule.fusion)
