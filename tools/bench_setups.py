@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -254,13 +255,13 @@ def main() -> None:
                 print(setup, seed, {k: runs[-1][k] for k in ("image_auroc", "aupro", "fit_seconds")}, flush=True)
             report["setups"][setup] = runs
             (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-        for v, (spec, (preset, overrides)) in enumerate(zip(specs, variants, strict=True)):
+        for spec, (preset, overrides) in zip(specs, variants, strict=True):
             runs = []
             for seed in args.seeds:
                 raw = variant_config(setup_config(data, args.size, preset, seed, args.coreset), overrides)
                 trained = {s: setup_config(data, args.size, s, seed, args.coreset) for s in args.setups}
                 source = bank_source(raw, trained)
-                name = f"variant{v}_s{seed}"
+                name = f"variant_{re.sub(r'[^A-Za-z0-9]+', '-', spec)}_s{seed}"  # one folder per spec (--runs)
                 if source is not None and not (tmp / name).exists():  # its banks: a copy of that run, ...
                     ignore = shutil.ignore_patterns(RESULT_FILE)  # ... recalibrated by the worker's train_run
                     shutil.copytree(tmp / f"{source}_s{seed}", tmp / name, ignore=ignore)
