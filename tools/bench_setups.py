@@ -120,7 +120,6 @@ def backbone_gflops(config_raw: dict) -> float:
 def run_worker(config_path: str, run_dir: str) -> dict:
     """Train + evaluate one configuration in this process; returns its figures."""
     from tilecore.train.config import load_config
-    from tilecore.train.data import config_categories
     from tilecore.train.evaluate import evaluate_run
     from tilecore.train.fit import train_run
     from tilecore.train.run_dir import peak_rss_mb
@@ -129,18 +128,13 @@ def run_worker(config_path: str, run_dir: str) -> dict:
     done = Path(run_dir) / RESULT_FILE
     if done.is_file():  # --runs: a finished configuration is read back
         return json.loads(done.read_text())
-    calibrations = [Path(run_dir) / c / "calibration.json" for c in config_categories(config)]
-    finished = bool(calibrations) and all(p.is_file() for p in calibrations)  # an earlier process did it all
     started = time.perf_counter()
-    metadata = train_run(config, Path(run_dir))
+    train_run(config, Path(run_dir))
     fit_seconds = time.perf_counter() - started
-    if finished:  # train_run had nothing to do: the fit times are the earlier process's, in the metadata
-        fit_seconds = sum(c["fit_seconds"] for c in metadata["categories"].values())
     train_rss = peak_rss_mb()
     report = evaluate_run(Path(run_dir))
     result = {
         "fit_seconds": round(fit_seconds, 2),
-        "fit_seconds_from_metadata": finished,
         "train_peak_rss_mb": round(train_rss, 1),
         "image_auroc": report["mean"]["image_auroc"],
         "aupro": report["mean"]["aupro"],
