@@ -666,6 +666,16 @@ def install_ort(monkeypatch: pytest.MonkeyPatch, loads: set[str], available: lis
     return fake
 
 
+def install_cuda_python(monkeypatch: pytest.MonkeyPatch, cudart: FakeCudart) -> None:
+    """Put `cudart` where `from cuda.bindings import runtime` (cuda-python) will find it."""
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    package = types.ModuleType("cuda")
+    package.bindings = bindings
+    for name, module in (("cuda", package), ("cuda.bindings", bindings), ("cuda.bindings.runtime", cudart)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
 def install(
     monkeypatch: pytest.MonkeyPatch,
     gpus: list[tuple[str, int, int]] | None = None,
@@ -678,13 +688,8 @@ def install(
     trt = FakeTensorRT(version, core)
     cudart = FakeCudart(core, driver_error)
     trt.cuda = cudart
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = cudart
-    package = types.ModuleType("cuda")
-    package.bindings = bindings
-    for name, module in (("tensorrt", trt), ("cuda", package), ("cuda.bindings", bindings)):
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    install_cuda_python(monkeypatch, cudart)
     monkeypatch.setitem(sys.modules, "pycuda", None)
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
     return trt, cudart

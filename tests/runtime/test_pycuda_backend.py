@@ -139,13 +139,7 @@ def test_pycuda_is_taken_when_cuda_python_is_of_another_cuda_major(monkeypatch) 
     from tilecore.runtime.engines import gpu_stack
 
     gpu_fakes.install_pycuda(monkeypatch, gpus=[A10])
-    cudart = gpu_fakes.FakeCudart(gpu_fakes.FakeGpus([A10]))
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = cudart
-    package = types.ModuleType("cuda")
-    package.bindings = bindings
-    for name, module in (("cuda", package), ("cuda.bindings", bindings), ("cuda.bindings.runtime", cudart)):
-        monkeypatch.setitem(sys.modules, name, module)
+    gpu_fakes.install_cuda_python(monkeypatch, gpu_fakes.FakeCudart(gpu_fakes.FakeGpus([A10])))
     monkeypatch.setattr(gpu_stack, "cuda_majors", lambda: ("13", "12"))
     binding = gpu_stack.open_cuda(0, "test")
     assert binding.name == "pycuda"
