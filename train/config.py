@@ -133,6 +133,15 @@ class TrainConfig:
 
 
 @dataclass
+class RayConfig:
+    """Resources of each Ray task (`--ray`); execution keys: a change never touches the banks or a resume."""
+
+    num_cpus: float = 1.0  # CPUs each task holds (its torch threads, unless train.threads says otherwise)
+    num_gpus: float = 0.0  # GPUs each task holds; 1 with train.device cuda, fractions share a GPU
+    max_retries: int = 3  # reruns of a task whose worker died (a killed process, a lost node)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     members: list[MemberConfig] = field(default_factory=lambda: [MemberConfig()])
@@ -140,6 +149,7 @@ class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +165,7 @@ TABLES = {
     "fusion": FusionConfig,
     "train": TrainConfig,
     "cascade": CascadeConfig,
+    "ray": RayConfig,
 }
 
 
@@ -171,6 +182,7 @@ POSTPROCESSING_KEYS: dict[str, tuple[str, ...] | str] = {
     "fusion": ALL_KEYS,
     "cascade": ALL_KEYS,
 }
+EXECUTION_SECTIONS = ("ray",)  # where the work runs: a change neither refuses nor recalibrates a run
 GEOMETRY_KEYS = ("preset", "tile_size", "stride", "input_size", "stacked")  # [tiling]
 
 
@@ -334,6 +346,9 @@ def validate(config: Config, origin: str = "config") -> None:
         (tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1"),
         (tr.pixels_per_pass >= 1, "train.pixels_per_pass", tr.pixels_per_pass, "an integer >= 1"),
         (tr.threads >= 0, "train.threads", tr.threads, "an integer >= 0"),
+        (config.ray.num_cpus > 0, "ray.num_cpus", config.ray.num_cpus, "> 0"),
+        (config.ray.num_gpus >= 0, "ray.num_gpus", config.ray.num_gpus, ">= 0"),
+        (config.ray.max_retries >= 0, "ray.max_retries", config.ray.max_retries, "an integer >= 0"),
         (0.0 < c.agreement <= 1.0, "cascade.agreement", c.agreement, "0 < value <= 1"),
         (c.margin >= 0.0, "cascade.margin", c.margin, ">= 0"),
         (

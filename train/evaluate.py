@@ -20,11 +20,13 @@ from tilecore.runtime.preprocess import resize_mask
 from tilecore.train.cascade_fit import fit_cascade, member_gflops
 from tilecore.train.config import Config, image_hw
 from tilecore.train.data import Sample, config_categories, load_config_category
+from tilecore.train.device import resolve_placement
 from tilecore.train.ensemble import CALIBRATION_FILE, CategoryModel, load_category_model
+from tilecore.train.executor import Executor, Job
 from tilecore.train.fit import read_batches
 from tilecore.train.metrics import pixel_truth, summarize
-from tilecore.train.model import load_embedder
-from tilecore.train.run_dir import METRICS_FILE, load_run_config, update_metadata
+from tilecore.train.run_dir import METRICS_FILE, TEST_SCORES_FILE, load_run_config, update_metadata
+from tilecore.train.run_embedders import RunEmbedders, worker_embedders
 
 log = logging.getLogger("tilecore")
 
@@ -124,67 +126,104 @@ def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) 
     return {"threshold_precision": precision, "threshold_recall": recall, "threshold_f1": f1}
 
 
-def evaluate_run(run_dir: Path, progress: Progress | None = None) -> dict:
-    """Evaluate every trained category of `run_dir`; writes and returns metrics.json's content."""
+@dataclass
+class CategoryEval:
+    """One category evaluated: its metrics.json entry, its test_scores.json rows, its unreadable images."""
+
+    metrics: dict
+    per_image: list[dict]
+    skipped: list[str]
+
+
+def eval_task(
+    config: Config,
+    run_dir: Path,
+    category: str,
+    gflops: list[float] | None,
+    progress: Progress | None = None,
+    embedders: RunEmbedders | None = None,
+) -> CategoryEval:
+    """Score one category's test split and measure it; writes nothing (the driver writes the results)."""
     progress = progress or Progress(disable=True)
+    embedders = embedders or worker_embedders(config, run_dir)
+    data = load_config_category(config, category)
+    if not data.test:
+        raise TilecoreError(f"dataset {config.data.root} category {category}: no test images")
+    model = load_category_model(config, run_dir, category, [embedders.get(i) for i in range(len(config.members))])
+    skipped: list[str] = []
+    started = time.perf_counter()
+    calibration = json.loads((run_dir / category / CALIBRATION_FILE).read_text())
+    cascade = fit_cascade(config, calibration, where=f"{category}: cascade", gflops=gflops)
+    scored = score_samples(config, model, data.test, skipped, progress, f"{category}: eval", cascade)
+    kept, scores, maps, masks = scored.samples, scored.scores, scored.maps, scored.masks
+    labels = np.array([s.label for s in kept])
+    # pixel metrics over the images whose ground truth is known: normals, and anomalous ones with a mask
+    known = [i for i, m in enumerate(masks) if m is not None]
+    pixel_known = any(labels[i] == 1 for i in known)
+    # regions and PRO weights found once, for the full ensemble's maps and the cascade's
+    truth = pixel_truth(np.stack([masks[i] for i in known]), f"{category}: pixel metrics") if pixel_known else None
+    metrics = summarize(labels, scores, truth, maps[known] if pixel_known else None)  # masks [K, H, W]
+    metrics["masked_anomalous_images"] = sum(int(labels[i] == 1) for i in known)
+    metrics.update(threshold_metrics(labels, scores, model.thresholds["image"]))
+    metrics["test_images"] = len(kept)
+    if scored.cascade is not None:
+        staged = scored.cascade
+        cascade_maps = staged.maps[known] if pixel_known else None
+        metrics["cascade"] = {
+            **summarize(labels, staged.scores, truth, cascade_maps),
+            **cascade_cost(cascade, staged, scores >= model.thresholds["image"], model.thresholds["image"]),
+        }
+    metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
+    per_image = [
+        {
+            "image": str(s.image),
+            "label": s.label,
+            "defect": s.defect,
+            "score": float(v),
+            "defect_pixels": None if m is None else int(m.sum()),
+        }
+        for s, v, m in zip(kept, scores, masks, strict=True)
+    ]
+    if scored.cascade is not None:
+        for row, score, stage in zip(per_image, scored.cascade.scores, scored.cascade.exit_stage, strict=True):
+            row["cascade_score"], row["exit_stage"] = float(score), int(stage)
+    return CategoryEval(metrics, per_image, skipped)
+
+
+def evaluate_run(run_dir: Path, progress: Progress | None = None, executor: Executor | None = None) -> dict:
+    """Evaluate every trained category of `run_dir`; writes and returns metrics.json's content. `executor`
+    says where each category is scored (train.executor); this process writes every file."""
+    progress = progress or Progress(disable=True)
+    executor = executor or Executor()
     config = load_run_config(run_dir)
     categories = config_categories(config)
     untrained = [c for c in categories if not (run_dir / c / CALIBRATION_FILE).is_file()]
     if untrained:
         raise TilecoreError(f"run {run_dir}: categories {untrained} not trained; run `tilecore train` first")
-    embedders = [load_embedder(config, run_dir, i) for i in range(len(config.members))]
     gflops = member_gflops(config) if len(config.members) > 1 else None  # the cascade's costs, once per run
-    results: dict[str, dict] = {}
-    skipped_all: dict[str, list[str]] = {}
-    for category in categories:
-        data = load_config_category(config, category)
-        if not data.test:
-            raise TilecoreError(f"dataset {config.data.root} category {category}: no test images")
-        model = load_category_model(config, run_dir, category, embedders)
-        skipped: list[str] = []
-        started = time.perf_counter()
-        calibration = json.loads((run_dir / category / CALIBRATION_FILE).read_text())
-        cascade = fit_cascade(config, calibration, where=f"{category}: cascade", gflops=gflops)
-        scored = score_samples(config, model, data.test, skipped, progress, f"{category}: eval", cascade)
-        kept, scores, maps, masks = scored.samples, scored.scores, scored.maps, scored.masks
-        labels = np.array([s.label for s in kept])
-        # pixel metrics over the images whose ground truth is known: normals, and anomalous ones with a mask
-        known = [i for i, m in enumerate(masks) if m is not None]
-        pixel_known = any(labels[i] == 1 for i in known)
-        # regions and PRO weights found once, for the full ensemble's maps and the cascade's
-        truth = pixel_truth(np.stack([masks[i] for i in known]), f"{category}: pixel metrics") if pixel_known else None
-        metrics = summarize(labels, scores, truth, maps[known] if pixel_known else None)  # masks [K, H, W]
-        metrics["masked_anomalous_images"] = sum(int(labels[i] == 1) for i in known)
-        metrics.update(threshold_metrics(labels, scores, model.thresholds["image"]))
-        metrics["test_images"] = len(kept)
-        if scored.cascade is not None:
-            staged = scored.cascade
-            cascade_maps = staged.maps[known] if pixel_known else None
-            metrics["cascade"] = {
-                **summarize(labels, staged.scores, truth, cascade_maps),
-                **cascade_cost(cascade, staged, scores >= model.thresholds["image"], model.thresholds["image"]),
-            }
-        metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
-        results[category] = metrics
-        skipped_all[category] = skipped
-        per_image = [
-            {
-                "image": str(s.image),
-                "label": s.label,
-                "defect": s.defect,
-                "score": float(v),
-                "defect_pixels": None if m is None else int(m.sum()),
-            }
-            for s, v, m in zip(kept, scores, masks, strict=True)
-        ]
-        if scored.cascade is not None:
-            for row, score, stage in zip(per_image, scored.cascade.scores, scored.cascade.exit_stage, strict=True):
-                row["cascade_score"], row["exit_stage"] = float(score), int(stage)
-        atomic_write_json(run_dir / category / "test_scores.json", per_image)
+    embedders = None
+    if executor.ray is None:  # loaded once here for every category; Ray workers load their own
+        embedders = RunEmbedders(config, run_dir, resolve_placement("cpu", "off"))
+        for i in range(len(config.members)):
+            embedders.get(i)
+    results: dict[str, CategoryEval] = {}
+    overall = progress.add_task("eval", total=len(categories)) if executor.ray is not None else None
+
+    def done(job: Job, result: CategoryEval) -> list[Job]:
+        category = job.args[2]
+        atomic_write_json(run_dir / category / TEST_SCORES_FILE, result.per_image)
+        results[category] = result
+        if overall is not None:
+            progress.advance(overall)
+        return []
+
+    jobs = [Job(eval_task, (config, run_dir.absolute(), c, gflops), f"{c}: eval") for c in categories]
+    executor.execute(jobs, done, {"progress": progress, "embedders": embedders})
+    metrics = {c: results[c].metrics for c in categories}
     # a metric no category could compute (no masks anywhere) stays None
-    known = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRIC_KEYS}
+    known = {k: [r[k] for r in metrics.values() if r[k] is not None] for k in METRIC_KEYS}
     mean = {k: float(np.mean(values)) if values else None for k, values in known.items()}
-    report = {"categories": results, "mean": mean}
+    report = {"categories": metrics, "mean": mean}
     atomic_write_json(run_dir / METRICS_FILE, report)
-    update_metadata(run_dir, eval_skipped_images=skipped_all)
+    update_metadata(run_dir, eval_skipped_images={c: results[c].skipped for c in categories})
     return report

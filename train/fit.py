@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from tilecore.train.ensemble import (
     load_category_model,
     save_bank,
 )
+from tilecore.train.executor import Executor, Job, executor_info
 from tilecore.train.model import (
     Embedder,
     build_net,
@@ -66,6 +68,7 @@ from tilecore.train.run_dir import (
     read_metadata,
     update_metadata,
 )
+from tilecore.train.run_embedders import RunEmbedders, worker_embedders
 from tilecore.train.run_images import keep_images
 from tilecore.train.synth import DEFECT_TYPES, paint_defect
 
@@ -286,12 +289,134 @@ def member_embedders(
     return embedders
 
 
-def train_run(config: Config, run_dir: Path, progress: Progress | None = None, member: int | None = None) -> dict:
-    """Train every category into `run_dir` (only member `member` when given); returns the run's metadata."""
+@dataclass(frozen=True)
+class BankJob:
+    """One memory bank to fit: member `member`'s bank `suffix` of `category`, from the given tile locations."""
+
+    category: str
+    member: int
+    suffix: str
+    locations: list[int]
+    samples: list[Sample]  # the category's training images
+
+
+@dataclass
+class BankResult:
+    bank: np.ndarray  # [n, D] float32
+    skipped: list[str]  # unreadable training images
+    seconds: float
+    peak_rss_mb: float  # of the process that fitted it
+
+
+def bank_task(
+    config: Config,
+    run_dir: Path,
+    job: BankJob,
+    progress: Progress | None = None,
+    embedders: RunEmbedders | None = None,
+    reported: list[str] | None = None,
+) -> BankResult:
+    """Fit one bank (embedding + coreset of its tile locations); writes nothing: the driver saves the result.
+    Local jobs share `reported` (unreadable images already logged), so each is logged once per run."""
+    started = time.perf_counter()
+    embedders = embedders or worker_embedders(config, run_dir)
+    reported = [] if reported is None else reported
+    label = f"{job.category} m{job.member} {job.suffix}"
+    shown = progress or Progress(disable=True)
+    bank = fit_bank(config, job.member, embedders.get(job.member), job.samples, job.locations, reported, shown, label)
+    return BankResult(bank, unreadable(job.samples, reported), time.perf_counter() - started, peak_rss_mb())
+
+
+def unreadable(samples: list[Sample], reported: list[str]) -> list[str]:
+    """The samples' images among `reported`, in sample order."""
+    names = set(reported)
+    return [str(s.image) for s in samples if str(s.image) in names]
+
+
+@dataclass
+class CalibrationResult:
+    calibration: dict  # calibration.json's content
+    skipped: list[str]  # unreadable validation images
+    train_device: dict  # where it ran: the placement and the kNN's device
+    peak_rss_mb: float
+
+
+def calibration_task(
+    config: Config,
+    run_dir: Path,
+    data: CategoryData,
+    progress: Progress | None = None,
+    embedders: RunEmbedders | None = None,
+    reported: list[str] | None = None,
+) -> CalibrationResult:
+    """Calibrate one category from its banks in `run_dir` (all written); writes nothing."""
+    embedders = embedders or worker_embedders(config, run_dir)
+    everyone = [embedders.get(j) for j in range(len(config.members))]
+    model = load_category_model(config, run_dir, data.name, everyone, calibrated=False)
+    reported = [] if reported is None else reported
+    calibration = calibrate(model, data, reported, progress or Progress(disable=True))
+    device = {**embedders.placement.to_dict(), "knn": knn_on_device(model.scorers, embedders.placement)}
+    return CalibrationResult(calibration, unreadable(data.validation, reported), device, peak_rss_mb())
+
+
+@dataclass
+class CategoryWork:
+    """What the driver gathers about one category while its jobs come back."""
+
+    data: CategoryData
+    banks_left: int
+    banks_trained: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    skipped: list[str] = field(default_factory=list)
+
+    def add_skipped(self, names: list[str], show: bool) -> None:
+        for name in names:
+            if name not in self.skipped:
+                if show:  # a Ray worker's own warning stays in its log
+                    log.warning("skipped (unreadable on a Ray worker): %s", name)
+                self.skipped.append(name)
+
+
+def prepare_category(
+    config: Config, run_dir: Path, data: CategoryData, censuses: tuple[ImageCensus, ImageCensus]
+) -> None:
+    """Write what a category needs before its first bank: its split, the images export keeps, its fingerprint."""
+    grid, _, _ = grid_for(config)
+    atomic_write_json(
+        run_dir / data.name / SPLIT_FILE,
+        {
+            "train": [str(s.image) for s in data.train],
+            "validation": [str(s.image) for s in data.validation],
+            "test": [str(s.image) for s in data.test],
+        },
+    )
+    trained, held_out = censuses
+    size = (grid.image_h, grid.image_w)
+    keep_images(run_dir, data.name, held_out.readable, trained.readable, size, grid.count, config.data.bit_depth)
+    fingerprints = read_metadata(run_dir).get("data_fingerprints", {})  # the bundle identity's (export)
+    fingerprints[data.name] = data_fingerprint(trained.readable + held_out.readable, Path(config.data.root))
+    update_metadata(run_dir, data_fingerprints=fingerprints)
+
+
+def train_run(
+    config: Config,
+    run_dir: Path,
+    progress: Progress | None = None,
+    member: int | None = None,
+    executor: Executor | None = None,
+) -> dict:
+    """Train every category into `run_dir` (only member `member` when given); returns the run's metadata.
+
+    `executor` says where the banks and calibrations are computed (train.executor: here, or as Ray tasks);
+    this process writes every file, as each result arrives, so the files are the same either way."""
     progress = progress or Progress(disable=True)
+    executor = executor or Executor()
     if member is not None and not 0 <= member < len(config.members):
         raise TilecoreError(f"--member {member}: expected 0..{len(config.members) - 1}")
-    placement = resolve_placement(config.train.device, config.train.amp)  # a missing GPU is refused here
+    # a missing GPU is refused here; through Ray the workers have the GPUs, and this process only builds models
+    local = executor.ray is None
+    placement = resolve_placement(config.train.device, config.train.amp) if local else resolve_placement("cpu", "off")
     categories = config_categories(config)
     datasets = [load_config_category(config, c) for c in categories]
     check_before_work(config, datasets)
@@ -318,68 +443,84 @@ def train_run(config: Config, run_dir: Path, progress: Progress | None = None, m
             "stacked": stacked,
             "neighbourhood": config.tiling.neighbourhood,  # banks each location searches (train.ensemble)
         },
+        execution=executor_info(executor),
     )
     update_metadata(run_dir, train_device=placement.to_dict())  # where the banks of this (last) session came from
-    embedders = member_embedders(config, run_dir, indices, placement)
+    embedders = RunEmbedders(config, run_dir, placement, member_embedders(config, run_dir, indices, placement))
+    work: dict[str, CategoryWork] = {}
+    jobs: list[Job] = []
     for data in datasets:
-        skipped: list[str] = []
-        started = time.perf_counter()
-        atomic_write_json(
-            run_dir / data.name / SPLIT_FILE,
-            {
-                "train": [str(s.image) for s in data.train],
-                "validation": [str(s.image) for s in data.validation],
-                "test": [str(s.image) for s in data.test],
-            },
-        )
-        trained, held_out = censuses[data.name]
-        size = (grid.image_h, grid.image_w)
-        keep_images(run_dir, data.name, held_out.readable, trained.readable, size, grid.count, config.data.bit_depth)
-        fingerprints = read_metadata(run_dir).get("data_fingerprints", {})  # the bundle identity's (export)
-        fingerprints[data.name] = data_fingerprint(trained.readable + held_out.readable, Path(config.data.root))
-        update_metadata(run_dir, data_fingerprints=fingerprints)
-        banks_trained = 0
+        prepare_category(config, run_dir, data, censuses[data.name])
+        banks = []
         for i in indices:
             for suffix, locations in bank_groups(grid, stacked):
-                path = bank_path(run_dir, data.name, i, suffix)
-                if path.is_file():
+                if bank_path(run_dir, data.name, i, suffix).is_file():
                     log.info("%s m%d %s: bank already trained, skipping", data.name, i, suffix)
                     continue
-                label = f"{data.name} m{i} {suffix}"
-                bank = fit_bank(config, i, embedders[i], data.train, locations, skipped, progress, label)
-                save_bank(path, bank)
-                banks_trained += 1
-        fit_seconds = time.perf_counter() - started
-        all_banks = all(p.is_file() for p in all_bank_paths(run_dir, data.name, config))
-        calibration_path = run_dir / data.name / CALIBRATION_FILE
-        if not all_banks:
-            log.info("%s: other members' banks missing; calibration waits for them", data.name)
-            continue
-        if calibration_path.is_file() and banks_trained == 0:
-            log.info("%s: already calibrated, skipping", data.name)
-            continue
-        missing = [j for j in range(len(config.members)) if j not in embedders]
-        embedders.update(member_embedders(config, run_dir, missing, placement))
-        everyone = [embedders[j] for j in range(len(config.members))]
-        model = load_category_model(config, run_dir, data.name, everyone, calibrated=False)
-        update_metadata(run_dir, train_device={**placement.to_dict(), "knn": knn_on_device(model.scorers, placement)})
-        calibration = calibrate(model, data, skipped, progress)
-        atomic_write_json(calibration_path, calibration)
-        stats = read_metadata(run_dir).get("categories", {})
-        train_skipped = {str(s.image) for s in data.train} & set(skipped)
-        stats[data.name] = {
-            "train_images": len(data.train) - len(train_skipped),
-            "validation_images": calibration["validation_images"],
-            "banks": grid.count if not stacked else 1,
-            "bank_sizes": [bank_rows(p) for p in all_bank_paths(run_dir, data.name, config)],
-            "fit_seconds": round(fit_seconds, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "skipped_images": skipped,
-            "threshold": calibration["thresholds"]["image"],
-            "threshold_rule": calibration["thresholds"]["image_rule"],
-        }
-        update_metadata(run_dir, categories=stats)
+                job = BankJob(data.name, i, suffix, locations, data.train)
+                banks.append(Job(bank_task, (config, run_dir.absolute(), job), f"{data.name} m{i} {suffix}"))
+        work[data.name] = CategoryWork(data, len(banks))
+        jobs += banks or calibration_jobs(config, run_dir, work[data.name])
+    overall = progress.add_task("banks", total=len(jobs)) if executor.ray is not None else None
+
+    def done(job: Job, result: BankResult | CalibrationResult) -> list[Job]:
+        if overall is not None:
+            progress.advance(overall)
+        if isinstance(result, BankResult):
+            bank = job.args[2]
+            category = work[bank.category]
+            save_bank(bank_path(run_dir, bank.category, bank.member, bank.suffix), result.bank)
+            category.add_skipped(result.skipped, executor.ray is not None)
+            category.banks_left -= 1
+            category.banks_trained += 1
+            category.seconds += result.seconds
+            category.peak_rss_mb = max(category.peak_rss_mb, result.peak_rss_mb)
+            follow = calibration_jobs(config, run_dir, category) if category.banks_left == 0 else []
+            if overall is not None:
+                progress.update(overall, total=progress.tasks[overall].total + len(follow))
+            return follow
+        category = work[job.args[2].name]
+        category.add_skipped(result.skipped, executor.ray is not None)
+        category.peak_rss_mb = max(category.peak_rss_mb, result.peak_rss_mb)
+        write_calibration(config, run_dir, category, result)
+        return []
+
+    executor.execute(jobs, done, {"progress": progress, "embedders": embedders, "reported": []})
     return read_metadata(run_dir)
+
+
+def calibration_jobs(config: Config, run_dir: Path, category: CategoryWork) -> list[Job]:
+    """The category's calibration, once all its banks are there (and it is missing or new banks came)."""
+    name = category.data.name
+    if not all(p.is_file() for p in all_bank_paths(run_dir, name, config)):
+        log.info("%s: other members' banks missing; calibration waits for them", name)
+        return []
+    if (run_dir / name / CALIBRATION_FILE).is_file() and category.banks_trained == 0:
+        log.info("%s: already calibrated, skipping", name)
+        return []
+    return [Job(calibration_task, (config, run_dir.absolute(), category.data), f"{name} calibration")]
+
+
+def write_calibration(config: Config, run_dir: Path, category: CategoryWork, result: CalibrationResult) -> None:
+    """The driver's part of a calibration: calibration.json, then the category's record in the metadata."""
+    data, calibration = category.data, result.calibration
+    grid, _, stacked = grid_for(config)
+    atomic_write_json(run_dir / data.name / CALIBRATION_FILE, calibration)
+    update_metadata(run_dir, train_device={**read_metadata(run_dir).get("train_device", {}), **result.train_device})
+    stats = read_metadata(run_dir).get("categories", {})
+    train_skipped = {str(s.image) for s in data.train} & set(category.skipped)
+    stats[data.name] = {
+        "train_images": len(data.train) - len(train_skipped),
+        "validation_images": calibration["validation_images"],
+        "banks": grid.count if not stacked else 1,
+        "bank_sizes": [bank_rows(p) for p in all_bank_paths(run_dir, data.name, config)],
+        "fit_seconds": round(category.seconds, 3),
+        "peak_rss_mb": round(max(category.peak_rss_mb, peak_rss_mb()), 1),
+        "skipped_images": category.skipped,
+        "threshold": calibration["thresholds"]["image"],
+        "threshold_rule": calibration["thresholds"]["image_rule"],
+    }
+    update_metadata(run_dir, categories=stats)
 
 
 def data_fingerprint(images: list[Path], root: Path) -> dict[str, str | int]:

@@ -12,7 +12,14 @@ from typing import Any
 
 from tilecore.runtime.artifacts import atomic_write_json
 from tilecore.runtime.errors import TilecoreError
-from tilecore.train.config import GEOMETRY_KEYS, Config, config_from_dict, is_postprocessing, tiling_geometry
+from tilecore.train.config import (
+    EXECUTION_SECTIONS,
+    GEOMETRY_KEYS,
+    Config,
+    config_from_dict,
+    is_postprocessing,
+    tiling_geometry,
+)
 
 log = logging.getLogger("tilecore")
 
@@ -82,7 +89,7 @@ def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
     post: list[str] = []
     geometry: list[str] = []
     a, b = old.to_dict(), new.to_dict()
-    for section in a:
+    for section in (s for s in a if s not in EXECUTION_SECTIONS):
         if section == "members":
             if len(a[section]) != len(b[section]):
                 banks.append("members (their number)")
@@ -154,6 +161,10 @@ def prepare_run_dir(run_dir: Path, config: Config) -> bool:
             return True
         bank_keys, post_keys = changed_keys(stored, config)
         banks = finished_banks(run_dir)
+        if not bank_keys and not post_keys:  # execution keys alone ([ray]): same run, new resources
+            remove_leftovers(run_dir)
+            atomic_write_json(config_path, config.to_dict())
+            return True
         if not bank_keys:
             remove_leftovers(run_dir)
             log.info(
