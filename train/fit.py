@@ -68,7 +68,7 @@ from tilecore.train.run_dir import (
     read_metadata,
     update_metadata,
 )
-from tilecore.train.run_embedders import RunEmbedders, worker_embedders
+from tilecore.train.run_embedders import RunEmbedders, task_threads, worker_embedders
 from tilecore.train.run_images import keep_images
 from tilecore.train.synth import DEFECT_TYPES, paint_defect
 
@@ -339,6 +339,7 @@ class CalibrationResult:
     skipped: list[str]  # unreadable validation images
     train_device: dict  # where it ran: the placement and the kNN's device
     peak_rss_mb: float
+    seconds: float
 
 
 def calibration_task(
@@ -350,13 +351,15 @@ def calibration_task(
     reported: list[str] | None = None,
 ) -> CalibrationResult:
     """Calibrate one category from its banks in `run_dir` (all written); writes nothing."""
+    started = time.perf_counter()
     embedders = embedders or worker_embedders(config, run_dir)
     everyone = [embedders.get(j) for j in range(len(config.members))]
     model = load_category_model(config, run_dir, data.name, everyone, calibrated=False)
     reported = [] if reported is None else reported
     calibration = calibrate(model, data, reported, progress or Progress(disable=True))
     device = {**embedders.placement.to_dict(), "knn": knn_on_device(model.scorers, embedders.placement)}
-    return CalibrationResult(calibration, unreadable(data.validation, reported), device, peak_rss_mb())
+    skipped = unreadable(data.validation, reported)
+    return CalibrationResult(calibration, skipped, device, peak_rss_mb(), time.perf_counter() - started)
 
 
 @dataclass
@@ -443,7 +446,11 @@ def train_run(
             "stacked": stacked,
             "neighbourhood": config.tiling.neighbourhood,  # banks each location searches (train.ensemble)
         },
-        execution=executor_info(executor),
+        # a bank's bytes depend on its torch thread count (train.run_embedders.task_threads)
+        execution={
+            **executor_info(executor),
+            "torch_threads": torch.get_num_threads() if local else task_threads(config),
+        },
     )
     update_metadata(run_dir, train_device=placement.to_dict())  # where the banks of this (last) session came from
     embedders = RunEmbedders(config, run_dir, placement, member_embedders(config, run_dir, indices, placement))
@@ -463,7 +470,10 @@ def train_run(
         jobs += banks or calibration_jobs(config, run_dir, work[data.name])
     overall = progress.add_task("banks", total=len(jobs)) if executor.ray is not None else None
 
+    task_seconds: dict[str, float] = {}  # job label -> seconds its work took, wherever it ran (this session)
+
     def done(job: Job, result: BankResult | CalibrationResult) -> list[Job]:
+        task_seconds[job.label] = round(result.seconds, 3)
         if overall is not None:
             progress.advance(overall)
         if isinstance(result, BankResult):
@@ -485,7 +495,10 @@ def train_run(
         write_calibration(config, run_dir, category, result)
         return []
 
-    executor.execute(jobs, done, {"progress": progress, "embedders": embedders, "reported": []})
+    try:
+        executor.execute(jobs, done, {"progress": progress, "embedders": embedders, "reported": []})
+    finally:  # also for an interrupted session: what its finished jobs cost
+        update_metadata(run_dir, task_seconds=task_seconds)
     return read_metadata(run_dir)
 
 

@@ -89,7 +89,10 @@ def test_ray_training_of_the_demo_config_equals_the_local_run(work: Path, local_
     assert_same_run(local_demo, work / "runs" / "ray")
     metadata = json.loads((work / "runs" / "ray" / "metadata.json").read_text())
     assert metadata["execution"]["executor"] == "ray" and metadata["execution"]["nodes"] == 2
-    assert json.loads((local_demo / "metadata.json").read_text())["execution"] == {"executor": "local"}
+    assert json.loads((local_demo / "metadata.json").read_text())["execution"] == {
+        "executor": "local",
+        "torch_threads": 1,
+    }
 
 
 def test_ray_eval_writes_the_local_scores_and_metrics(work: Path, local_demo: Path, ray_cluster: str) -> None:
