@@ -64,9 +64,9 @@ def ray_session(address: str) -> Iterator[ModuleType]:
         return
     try:
         # the driver's own log lines stay tilecore's: Ray's startup chatter and workers' stdout stay out of them
-        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-        if address == "local":
-            ray.init(include_dashboard=False, **kwargs)
+        kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
+        if address == "local":  # private to this machine: listening on the loopback address only
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -86,11 +86,15 @@ def task_error(exc: BaseException) -> BaseException:
 
 
 def get(ray: ModuleType, refs: Any) -> Any:
-    """`ray.get(refs)`, with a task's TilecoreError re-raised as itself."""
+    """`ray.get(refs)`, with a task's TilecoreError re-raised as itself and a lost worker as one line."""
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
         raise task_error(exc) from None
+    except ray.exceptions.RayError as exc:  # a worker, actor or node lost for good, after its retries
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        lost = f"{type(exc).__name__}: {first}"
+        raise TilecoreError(f"--ray: the cluster lost the work ({lost}); rerun the command to resume") from None
 
 
 def first_done(ray: ModuleType, pending: Sequence[Any]) -> Any:

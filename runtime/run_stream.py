@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,25 +141,63 @@ def _write_picture(out: Path, relative: str, picture: np.ndarray) -> str:
     return relative
 
 
-def _batch_records(predictor: Predictor, out: Path, batch: list[Item], pictures: Pictures) -> list[dict]:
-    """One record per item of the batch, in input order."""
-    tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
-    records: dict[int, dict] = {}
-    usable = []
+@dataclass(frozen=True)
+class BatchScorer:
+    """Scores batches of images; up to `in_flight` batches may be submitted before the oldest is collected.
+
+    Collecting in submission order keeps results.jsonl in input order however many batches are in flight.
+    """
+
+    submit: Callable[[list[np.ndarray]], object]  # start scoring a batch of item.image arrays; returns a handle
+    collect: Callable[[object], tuple[list[Result], float]]  # wait for a handle: one Result an image, ms an image
+    in_flight: int = 1
+
+
+def timed_batch(predictor: Predictor, images: list[np.ndarray]) -> tuple[list[Result], float]:
+    """`predictor.predict_batch(images)` and the milliseconds it took per image."""
+    started = time.perf_counter()
+    results = predictor.predict_batch(images)
+    return results, 1000 * (time.perf_counter() - started) / len(images)
+
+
+def local_scorer(predictor: Predictor) -> BatchScorer:
+    """Scores each batch in this process as it is submitted (the handle is the finished outcome)."""
+    return BatchScorer(submit=lambda images: timed_batch(predictor, images), collect=lambda outcome: outcome)
+
+
+@dataclass
+class _Submitted:
+    """A batch on its way: its items, the reasons its unusable ones are refused, and its scorer handle."""
+
+    batch: list[Item]
+    errors: dict[int, str]  # position in batch -> why that item is not scored
+    handle: object | None  # None: no usable image, nothing was submitted
+
+
+def _submit(scorer: BatchScorer, tile_hw: tuple[int, int], batch: list[Item]) -> _Submitted:
+    """Validate the batch's items here, and submit its usable images (in input order) for scoring."""
+    errors = {}
     for position, item in enumerate(batch):
         reason = item.error or validate_image(item.image, tile_hw)
         if reason:
-            records[position] = {"input": item.name, "error": reason}
-        else:
-            usable.append((position, item))
-    if usable:
-        batch_started = time.perf_counter()
-        outcomes = predictor.predict_batch([item.image for _, item in usable])
-        batch_ms = 1000 * (time.perf_counter() - batch_started) / len(usable)
-        for (position, item), result in zip(usable, outcomes, strict=True):
-            record = _scored_record(item, result, batch_ms)
+            errors[position] = reason
+    usable = [item.image for position, item in enumerate(batch) if position not in errors]
+    return _Submitted(batch, errors, scorer.submit(usable) if usable else None)
+
+
+def _batch_records(
+    predictor: Predictor, scorer: BatchScorer, out: Path, submitted: _Submitted, pictures: Pictures
+) -> list[dict]:
+    """One record per item of a submitted batch, in input order (waits for its scores)."""
+    batch, errors = submitted.batch, submitted.errors
+    records = {position: {"input": batch[position].name, "error": reason} for position, reason in errors.items()}
+    if submitted.handle is not None:
+        results, ms_per_image = scorer.collect(submitted.handle)
+        usable = [(position, item) for position, item in enumerate(batch) if position not in errors]
+        for (position, item), result in zip(usable, results, strict=True):
+            record = _scored_record(item, result, ms_per_image)
             if "error" not in record:
-                _write_pictures(predictor, out, item, result, record, pictures)
+                _write_pictures(predictor, out, item, result, record, pictures)  # the driver still holds item.image
             records[position] = record
     return [records[position] for position in sorted(records)]
 
@@ -176,6 +214,7 @@ def run_stream(
     overwrite: bool = False,
     on_batch: Callable[[dict], None] | None = None,
     side_by_side: bool = False,
+    scorer: BatchScorer | None = None,
 ) -> dict:
     """Score every input of `spec`; returns the summary also written to out/summary.json.
 
@@ -185,6 +224,9 @@ def run_stream(
     `resume`: keep the records already in out/results.jsonl and score only the inputs they do not name
     (a name recorded k times skips its first k occurrences). `overwrite`: replace an earlier run's results.
     Without either, a folder holding results is refused.
+
+    `scorer`: what scores the batches (None: `predictor`, in this process; runtime.ray_run: Ray actors).
+    `predictor` still decides everything else: thresholds, tile size, the run's identity, the pictures.
     """
     if resume and overwrite:
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
@@ -198,7 +240,7 @@ def run_stream(
         lock = lock_out(out)
         try:
             args = (batch_size, Pictures(overlays, masks, side_by_side), on_item, resume, overwrite, on_batch)
-            return _run_locked(predictor, spec, items, done, out, *args)
+            return _run_locked(predictor, scorer or local_scorer(predictor), spec, items, done, out, *args)
         finally:
             os.close(lock)  # releases the lock
     finally:
@@ -207,6 +249,7 @@ def run_stream(
 
 def _run_locked(
     predictor: Predictor,
+    scorer: BatchScorer,
     spec: str,
     items: Iterator[Item],
     done: Counter[str],
@@ -249,28 +292,42 @@ def _run_locked(
             "thresholds": predictor.thresholds.to_dict(),
         }
 
+    def write_oldest() -> None:
+        """Wait for the oldest batch in flight and write its records."""
+        nonlocal scored_now, last_summary
+        for record in _batch_records(predictor, scorer, out, pending.popleft(), pictures):
+            try:
+                line = record_line(record)
+            except ValueError:  # a non-finite number somewhere in the record
+                record = {"input": record["input"], "error": "result holds a non-finite number"}
+                line = record_line(record)
+            results.append(line)
+            for key, value in count_records([record]).items():
+                counts[key] += value
+            scored_now += "error" not in record
+            if on_item:
+                on_item(record)
+        if on_batch:
+            on_batch(summary(False))
+        if time.monotonic() - last_summary >= SUMMARY_EVERY_S:
+            results.sync()  # the summary never counts lines that are not on disk
+            write_summary(out, summary(False))
+            last_summary = time.monotonic()
+
+    tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
+    pending: deque[_Submitted] = deque()  # batches read, oldest first; at most scorer.in_flight submitted
     try:
         write_summary(out, summary(False))  # replaces a stale summary before any new line
         last_summary = time.monotonic()
         for batch in batches(items, batch_size):
-            for record in _batch_records(predictor, out, batch, pictures):
-                try:
-                    line = record_line(record)
-                except ValueError:  # a non-finite number somewhere in the record
-                    record = {"input": record["input"], "error": "result holds a non-finite number"}
-                    line = record_line(record)
-                results.append(line)
-                for key, value in count_records([record]).items():
-                    counts[key] += value
-                scored_now += "error" not in record
-                if on_item:
-                    on_item(record)
-            if on_batch:
-                on_batch(summary(False))
-            if time.monotonic() - last_summary >= SUMMARY_EVERY_S:
-                results.sync()  # the summary never counts lines that are not on disk
-                write_summary(out, summary(False))
-                last_summary = time.monotonic()
+            pending.append(_submit(scorer, tile_hw, batch))
+            # a full pipeline waits for its oldest batch; batches with nothing submitted never wait
+            while pending and (
+                pending[0].handle is None or sum(s.handle is not None for s in pending) >= scorer.in_flight
+            ):
+                write_oldest()
+        while pending:
+            write_oldest()
         results.sync()
         final = summary(True)
         write_summary(out, final)

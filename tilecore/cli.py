@@ -22,6 +22,7 @@ from rich.progress import Progress
 from tilecore.progress import LineProgress, progress_display
 from tilecore.runtime.engines import table as engine_table
 from tilecore.runtime.errors import TilecoreError
+from tilecore.runtime.ray_cluster import ADDRESS_HELP
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(no_args_is_help=True, help="Build datasets.")
@@ -111,6 +112,9 @@ def train(
     amp: Annotated[
         str | None, typer.Option(help="off, bf16 or fp16 (cuda only): backbone autocast, overriding train.amp.")
     ] = None,
+    ray: Annotated[
+        str | None, typer.Option(help=f"Fit banks and calibrations as Ray tasks ([ray] resources): {ADDRESS_HELP}.")
+    ] = None,
 ) -> None:
     """Fit one PatchCore memory bank per category; re-running resumes where it stopped."""
     from tilecore.train.config import AMP_MODES, check_device_name, load_config, validate
@@ -133,8 +137,8 @@ def train(
     validate(cfg)
     from tilecore.train.fit import train_run  # torch loads only once the config is known to be good
 
-    with progress_bar() as progress:
-        metadata = train_run(cfg, out, progress, member)
+    with progress_bar() as progress, executor_for(ray, cfg) as executor:
+        metadata = train_run(cfg, out, progress, member, executor)
     for name, stats in metadata.get("categories", {}).items():
         line = (
             f"{name}: {stats['banks']} bank(s) per member, rows {stats['bank_sizes']}, "
@@ -149,15 +153,37 @@ def train(
     console.print(escape(line), highlight=False, soft_wrap=True)
 
 
+@contextmanager
+def executor_for(address: str | None, config) -> Iterator:
+    """Where train and eval run their jobs: here (`address` None) or on the Ray cluster at `address`."""
+    from tilecore.train.executor import Executor
+
+    if address is None:
+        yield Executor()
+        return
+    from tilecore.runtime.ray_cluster import ray_session
+
+    with ray_session(address) as cluster:
+        options = {"num_cpus": config.ray.num_cpus, "num_gpus": config.ray.num_gpus}
+        yield Executor(cluster, {**options, "max_retries": config.ray.max_retries})
+
+
 @app.command("eval")
-def evaluate(run: Annotated[Path, typer.Argument(help="Run directory written by `tilecore train`.")]) -> None:
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `tilecore train`.")],
+    ray: Annotated[
+        str | None, typer.Option(help=f"Evaluate each category as a Ray task ([ray] resources): {ADDRESS_HELP}.")
+    ] = None,
+) -> None:
     """Image AUROC, pixel AUROC, AUPRO and F1-max on each category's test split."""
     from rich.table import Table
 
     from tilecore.train.evaluate import METRIC_KEYS, evaluate_run
+    from tilecore.train.run_dir import load_run_config
 
-    with progress_bar() as progress:
-        report = evaluate_run(run, progress)
+    config = load_run_config(run) if ray is not None else None
+    with progress_bar() as progress, executor_for(ray, config) as executor:
+        report = evaluate_run(run, progress, executor)
     table = Table(title=f"metrics of {run}")
     table.add_column("category")
     for key in METRIC_KEYS:
@@ -324,21 +350,31 @@ def run_bundle(
     cascade: Annotated[
         str, typer.Option(help="auto: the bundle's early-exit cascade where it has one; off: every member.")
     ] = "auto",
+    ray: Annotated[str | None, typer.Option(help=f"Score on a Ray cluster: {ADDRESS_HELP}.")] = None,
+    ray_actors: Annotated[
+        int, typer.Option(help="With --ray: actors scoring batches, one CPU each (the bundle at the same path).")
+    ] = 2,
 ) -> None:
     """Score images with a bundle (no torch needed): one JSON line per image, a summary at the end."""
+    from contextlib import ExitStack
+
     from tilecore.runtime.predictor import Predictor
+    from tilecore.runtime.ray_cluster import ray_session
     from tilecore.runtime.run_stream import run_stream
 
     if batch < 1:
         raise TilecoreError(f"--batch {batch}: expected >= 1")
+    if ray_actors < 1:
+        raise TilecoreError(f"--ray-actors {ray_actors}: expected >= 1")
     if resume and overwrite:
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
     if cascade not in ("auto", "off"):
         raise TilecoreError(f"--cascade {cascade}: expected auto or off")
-    predictor = Predictor(
-        bundle, device, threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams, trust=trust,
-        threshold=threshold, pixel_threshold=pixel_threshold, cascade=cascade == "auto",
+    options = dict(
+        device=device, threads=threads, gpu_id=gpu_id, precision=precision, recheck=recheck, streams=streams,
+        trust=trust, threshold=threshold, pixel_threshold=pixel_threshold, cascade=cascade == "auto",
     )  # fmt: skip
+    predictor = Predictor(bundle, **options)  # opens and checks the bundle here, before any --ray work
 
     def show(record: dict) -> None:
         if "error" in record:
@@ -355,9 +391,18 @@ def run_bundle(
             progress.update(task, completed=running["images"] + running["failed"], description=run_counts(running))
 
         overlays = overlays or side_by_side
-        summary = run_stream(
-            predictor, input, out, batch, overlays, masks, show, resume, overwrite, advance, side_by_side
-        )
+        with ExitStack() as stack:
+            scorer = None  # local: the driver's predictor scores
+            if ray is not None:
+                from tilecore.runtime.ray_run import ray_scorer
+
+                cluster = stack.enter_context(ray_session(ray))
+                # the actors open the same files, at absolute paths (ray_scorer resolves the bundle's)
+                remote_options = {**options, "trust": trust.resolve() if trust else None}
+                scorer = ray_scorer(cluster, bundle, ray_actors, remote_options)
+            summary = run_stream(
+                predictor, input, out, batch, overlays, masks, show, resume, overwrite, advance, side_by_side, scorer
+            )
     console.print(escape(run_summary(summary, out, overlays, masks)), highlight=False, soft_wrap=True)
 
 
