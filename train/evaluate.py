@@ -26,7 +26,7 @@ from tilecore.train.executor import Executor, Job
 from tilecore.train.fit import read_batches
 from tilecore.train.metrics import pixel_truth, summarize
 from tilecore.train.run_dir import METRICS_FILE, TEST_SCORES_FILE, load_run_config, update_metadata
-from tilecore.train.run_embedders import RunEmbedders, worker_embedders
+from tilecore.train.run_embedders import RunEmbedders, match_knn_threads, worker_embedders
 
 log = logging.getLogger("tilecore")
 
@@ -146,6 +146,7 @@ def eval_task(
     """Score one category's test split and measure it; writes nothing (the driver writes the results)."""
     progress = progress or Progress(disable=True)
     embedders = embedders or worker_embedders(config, run_dir)
+    match_knn_threads()
     data = load_config_category(config, category)
     if not data.test:
         raise TilecoreError(f"dataset {config.data.root} category {category}: no test images")

@@ -68,7 +68,7 @@ from tilecore.train.run_dir import (
     read_metadata,
     update_metadata,
 )
-from tilecore.train.run_embedders import RunEmbedders, task_threads, worker_embedders
+from tilecore.train.run_embedders import RunEmbedders, match_knn_threads, task_threads, worker_embedders
 from tilecore.train.run_images import keep_images
 from tilecore.train.synth import DEFECT_TYPES, paint_defect
 
@@ -353,6 +353,7 @@ def calibration_task(
     """Calibrate one category from its banks in `run_dir` (all written); writes nothing."""
     started = time.perf_counter()
     embedders = embedders or worker_embedders(config, run_dir)
+    match_knn_threads()
     everyone = [embedders.get(j) for j in range(len(config.members))]
     model = load_category_model(config, run_dir, data.name, everyone, calibrated=False)
     reported = [] if reported is None else reported

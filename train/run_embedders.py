@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tilecore.runtime.knn import set_knn_threads
 from tilecore.train.config import Config
 from tilecore.train.device import Placement, resolve_placement
 from tilecore.train.model import Embedder, embedder_path, load_embedder
@@ -41,6 +42,13 @@ def task_threads(config: Config) -> int:
     bytes depend on the thread count (the backbone's float sums are split by thread): a local run with the
     same count writes the same bytes."""
     return config.train.threads or max(1, round(config.ray.num_cpus))
+
+
+def match_knn_threads() -> None:
+    """FAISS searches with as many threads as torch computes with. Its distances' last bits depend on its
+    thread count too (1 and 2 threads differ by up to 6e-5 on a flat index), and its OpenMP setting is its
+    own, process-wide, left as the last caller set it: each job that runs kNN sets it again."""
+    set_knn_threads(torch.get_num_threads())
 
 
 def worker_embedders(config: Config, run_dir: Path) -> RunEmbedders:

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import pytest
 import torch
 
@@ -68,6 +69,7 @@ def one_thread() -> Iterator[None]:
     float sums depend on the thread count, so only runs with the same count can match byte for byte."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(3)  # as another caller may leave it: each kNN job sets it to torch's count again
     yield
     torch.set_num_threads(before)
 
@@ -76,6 +78,7 @@ def one_thread() -> Iterator[None]:
 def local_demo(work: Path) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as one_thread
+    faiss.omp_set_num_threads(3)
     try:
         ok(run_cli_here("train", "demo.toml", "--data", "data", "--out", "runs/local", cwd=work))
         ok(run_cli_here("eval", "runs/local", cwd=work))
