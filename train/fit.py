@@ -469,7 +469,7 @@ def train_run(
                 banks.append(Job(bank_task, (config, run_dir.absolute(), job), f"{data.name} m{i} {suffix}"))
         work[data.name] = CategoryWork(data, len(banks))
         jobs += banks or calibration_jobs(config, run_dir, work[data.name])
-    overall = progress.add_task("banks", total=len(jobs)) if executor.ray is not None else None
+    overall = None if local else progress.add_task("banks", total=len(jobs))  # Ray jobs show no bars of their own
 
     task_seconds: dict[str, float] = {}  # job label -> seconds its work took, wherever it ran (this session)
 
@@ -481,7 +481,7 @@ def train_run(
             bank = job.args[2]
             category = work[bank.category]
             save_bank(bank_path(run_dir, bank.category, bank.member, bank.suffix), result.bank)
-            category.add_skipped(result.skipped, executor.ray is not None)
+            category.add_skipped(result.skipped, not local)
             category.banks_left -= 1
             category.banks_trained += 1
             category.seconds += result.seconds
@@ -491,7 +491,7 @@ def train_run(
                 progress.update(overall, total=progress.tasks[overall].total + len(follow))
             return follow
         category = work[job.args[2].name]
-        category.add_skipped(result.skipped, executor.ray is not None)
+        category.add_skipped(result.skipped, not local)
         category.peak_rss_mb = max(category.peak_rss_mb, result.peak_rss_mb)
         write_calibration(config, run_dir, category, result)
         return []

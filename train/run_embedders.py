@@ -46,8 +46,8 @@ def task_threads(config: Config) -> int:
 
 def match_knn_threads() -> None:
     """FAISS searches with as many threads as torch computes with. Its distances' last bits depend on its
-    thread count too (1 and 2 threads differ by up to 6e-5 on a flat index), and its OpenMP setting is its
-    own, process-wide, left as the last caller set it: each job that runs kNN sets it again."""
+    thread count too (docs/ray.md), and its OpenMP setting is its own, process-wide, left as the last caller
+    set it: each job that runs kNN sets it again."""
     set_knn_threads(torch.get_num_threads())
 
 
