@@ -146,6 +146,9 @@ def train(
         )
         console.print(escape(line), highlight=False, soft_wrap=True)
     trained_on = metadata.get("train_device", {}).get("device")
+    execution = metadata.get("execution", {})
+    if execution.get("executor") == "ray":
+        trained_on = f"{trained_on}, Ray: {execution['nodes']} node(s), {execution['cluster_cpus']:g} CPUs"
     line = (
         f"run written to {out} (weights: {metadata.get('weights_sources')}, device: {trained_on}); "
         f"evaluate it with `tilecore eval {out}`"

@@ -469,7 +469,7 @@ def train_run(
                 banks.append(Job(bank_task, (config, run_dir.absolute(), job), f"{data.name} m{i} {suffix}"))
         work[data.name] = CategoryWork(data, len(banks))
         jobs += banks or calibration_jobs(config, run_dir, work[data.name])
-    overall = None if local else progress.add_task("banks", total=len(jobs))  # Ray jobs show no bars of their own
+    overall = None if local else progress.add_task("banks and calibrations", total=len(jobs))  # Ray jobs show no bars
 
     task_seconds: dict[str, float] = {}  # job label -> seconds its work took, wherever it ran (this session)
 
