@@ -8,6 +8,9 @@ location's tiles are embedded and kept.
 Before the run folder is touched, the data and the coresets are checked (train.data_checks: duplicated
 images, a validation split without spread, banks below the row floor), so a refused run writes nothing;
 each category also keeps the images export needs (train.run_images) before its first bank.
+
+The banks and calibrations are jobs (train.executor): computed here, or as Ray tasks on a cluster, and
+written by this process alone as each result comes back, so both ways leave the same files and resume alike.
 """
 
 from __future__ import annotations
@@ -299,6 +302,10 @@ class BankJob:
     locations: list[int]
     samples: list[Sample]  # the category's training images
 
+    @property
+    def label(self) -> str:
+        return f"{self.category} m{self.member} {self.suffix}"
+
 
 @dataclass
 class BankResult:
@@ -321,9 +328,8 @@ def bank_task(
     started = time.perf_counter()
     embedders = embedders or worker_embedders(config, run_dir)
     reported = [] if reported is None else reported
-    label = f"{job.category} m{job.member} {job.suffix}"
     shown = progress or Progress(disable=True)
-    bank = fit_bank(config, job.member, embedders.get(job.member), job.samples, job.locations, reported, shown, label)
+    bank = fit_bank(config, job.member, embedders.get(job.member), job.samples, job.locations, reported, shown, job.label)
     return BankResult(bank, unreadable(job.samples, reported), time.perf_counter() - started, peak_rss_mb())
 
 
@@ -466,7 +472,7 @@ def train_run(
                     log.info("%s m%d %s: bank already trained, skipping", data.name, i, suffix)
                     continue
                 job = BankJob(data.name, i, suffix, locations, data.train)
-                banks.append(Job(bank_task, (config, run_dir.absolute(), job), f"{data.name} m{i} {suffix}"))
+                banks.append(Job(bank_task, (config, run_dir.absolute(), job), job.label))
         work[data.name] = CategoryWork(data, len(banks))
         jobs += banks or calibration_jobs(config, run_dir, work[data.name])
     overall = None if local else progress.add_task("banks and calibrations", total=len(jobs))  # Ray jobs show no bars
