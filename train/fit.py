@@ -329,7 +329,8 @@ def bank_task(
     embedders = embedders or worker_embedders(config, run_dir)
     reported = [] if reported is None else reported
     shown = progress or Progress(disable=True)
-    bank = fit_bank(config, job.member, embedders.get(job.member), job.samples, job.locations, reported, shown, job.label)
+    embedder = embedders.get(job.member)
+    bank = fit_bank(config, job.member, embedder, job.samples, job.locations, reported, shown, job.label)
     return BankResult(bank, unreadable(job.samples, reported), time.perf_counter() - started, peak_rss_mb())
 
 
