@@ -47,10 +47,13 @@ class BatchWorker:
         return timed_batch(self.predictor, images)
 
 
-def ray_scorer(ray: ModuleType, bundle: str | Path, actors: int, predictor_kwargs: dict[str, Any]) -> BatchScorer:
-    """A scorer that sends batches round-robin to `actors` actors of one CPU each, each running
+def ray_scorer(
+    ray: ModuleType, bundle: str | Path, actors: int, predictor_kwargs: dict[str, Any], gpus: float = 0.0
+) -> BatchScorer:
+    """A scorer that sends batches round-robin to `actors` actors of one CPU (and `gpus` GPUs) each, each running
     `Predictor(bundle, **predictor_kwargs)`; a TilecoreError an actor raises comes back as itself."""
-    remote = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(BatchWorker)
+    retries = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RESTARTS}
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, **retries)(BatchWorker)
     path = str(Path(bundle).resolve())  # the workers' working folder is not the driver's
     workers = [remote.remote(path, predictor_kwargs) for _ in range(actors)]
     turns = itertools.cycle(workers)

@@ -109,6 +109,9 @@ def test_ray_actors_below_one_is_refused(bundle: Path, inputs: Path, tmp_path: P
     proc = run_cli_here("run", bundle, inputs, "--out", tmp_path / "out", "--ray", "local", "--ray-actors", "0")
     assert_one_line_refusal(proc, r"--ray-actors 0: expected >= 1")
     assert not (tmp_path / "out").exists()
+    proc = run_cli_here("run", bundle, inputs, "--out", tmp_path / "out", "--ray", "local", "--ray-gpus", "-1")
+    assert_one_line_refusal(proc, r"--ray-gpus -1: expected >= 0")
+    assert not (tmp_path / "out").exists()
 
 
 def test_batches_in_flight_are_written_in_input_order(tmp_path: Path) -> None:

@@ -357,6 +357,9 @@ def run_bundle(
     ray_actors: Annotated[
         int, typer.Option(help="With --ray: actors scoring batches, one CPU each (the bundle at the same path).")
     ] = 2,
+    ray_gpus: Annotated[
+        float, typer.Option(help="With --ray: GPUs each actor holds (1 for --device cuda or tensorrt; 0.5 shares one).")
+    ] = 0.0,
 ) -> None:
     """Score images with a bundle (no torch needed): one JSON line per image, a summary at the end."""
     from contextlib import ExitStack
@@ -369,6 +372,8 @@ def run_bundle(
         raise TilecoreError(f"--batch {batch}: expected >= 1")
     if ray_actors < 1:
         raise TilecoreError(f"--ray-actors {ray_actors}: expected >= 1")
+    if ray_gpus < 0:
+        raise TilecoreError(f"--ray-gpus {ray_gpus:g}: expected >= 0")
     if resume and overwrite:
         raise TilecoreError("--resume and --overwrite: pick one (continue the earlier run, or replace it)")
     if cascade not in ("auto", "off"):
@@ -402,7 +407,7 @@ def run_bundle(
                 cluster = stack.enter_context(ray_session(ray))
                 # the actors open the same files, at absolute paths (ray_scorer resolves the bundle's)
                 remote_options = {**options, "trust": trust.resolve() if trust else None}
-                scorer = ray_scorer(cluster, bundle, ray_actors, remote_options)
+                scorer = ray_scorer(cluster, bundle, ray_actors, remote_options, ray_gpus)
             summary = run_stream(
                 predictor, input, out, batch, overlays, masks, show, resume, overwrite, advance, side_by_side, scorer
             )
