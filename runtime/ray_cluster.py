@@ -70,12 +70,17 @@ def ray_session(address: str) -> Iterator[ModuleType]:
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TilecoreError(f"--ray {address}: no Ray cluster reachable ({first})") from None
+        raise TilecoreError(f"--ray {address}: no Ray cluster reachable ({first_line(exc)})") from None
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (Ray's run to many), else its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def task_error(exc: BaseException) -> BaseException:
@@ -92,8 +97,7 @@ def get(ray: ModuleType, refs: Any) -> Any:
     except ray.exceptions.RayTaskError as exc:
         raise task_error(exc) from None
     except ray.exceptions.RayError as exc:  # a worker, actor or node lost for good, after its retries
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        lost = f"{type(exc).__name__}: {first}"
+        lost = f"{type(exc).__name__}: {first_line(exc)}"
         raise TilecoreError(f"--ray: the cluster lost the work ({lost}); rerun the command to resume") from None
 
 

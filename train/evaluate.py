@@ -202,11 +202,8 @@ def evaluate_run(run_dir: Path, progress: Progress | None = None, executor: Exec
     if untrained:
         raise TilecoreError(f"run {run_dir}: categories {untrained} not trained; run `tilecore train` first")
     gflops = member_gflops(config) if len(config.members) > 1 else None  # the cascade's costs, once per run
-    embedders = None
-    if executor.ray is None:  # loaded once here for every category; Ray workers load their own
-        embedders = RunEmbedders(config, run_dir, resolve_placement("cpu", "off"))
-        for i in range(len(config.members)):
-            embedders.get(i)
+    # local: each member loaded once, on its first use, for every category; Ray workers load their own
+    embedders = RunEmbedders(config, run_dir, resolve_placement("cpu", "off")) if executor.ray is None else None
     results: dict[str, CategoryEval] = {}
     overall = progress.add_task("eval", total=len(categories)) if executor.ray is not None else None
 

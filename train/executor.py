@@ -83,10 +83,11 @@ def executor_info(executor: Executor) -> dict[str, Any]:
     if executor.ray is None:
         return {"executor": "local"}
     nodes = [n for n in executor.ray.nodes() if n.get("Alive")]
+    resources = executor.ray.cluster_resources()
     return {
         "executor": "ray",
         "nodes": len(nodes),
-        "cluster_cpus": executor.ray.cluster_resources().get("CPU", 0),
-        "cluster_gpus": executor.ray.cluster_resources().get("GPU", 0),
+        "cluster_cpus": resources.get("CPU", 0),
+        "cluster_gpus": resources.get("GPU", 0),
         "task_options": dict(executor.options),
     }
