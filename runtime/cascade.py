@@ -15,6 +15,7 @@ own way of computing a member's tile outputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,6 +30,8 @@ from tilecore.runtime.tiling import TileGrid
 
 DEFAULT_AGREEMENT = 0.995  # share of calibration images whose full-ensemble label the cascade keeps
 DEFAULT_MARGIN = 1.0  # window widening, in standard deviations of (full score - stage score) on calibration images
+ORDER_RULES = ("cheapest", "given", "search")  # how the member order was chosen (cheapest_first, config, search_order)
+SEARCH_MEMBERS = 4  # search_order tries every order up to this many members (4! = 24 calibrations)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,11 @@ class Cascade:
     target_agreement: float
     margin: float
     agreement: float  # share of calibration images whose cascade label equals the full ensemble's
-    calibration_images: int  # normal validation images + synthetic defects the windows were set on
+    calibration_images: int  # validation normals + synthetic defects (+ a line's good images) the windows were set on
+    order_rule: str = "cheapest"  # ORDER_RULES; "search" is searched again when the windows are refit
+    # export's calibration images' normalised member scores [M][N], kept so that `tilecore calibrate` can refit
+    # the windows at a new threshold (refit); empty in cascades built without them
+    calibration_scores: tuple[tuple[float, ...], ...] = ()
 
     @property
     def order(self) -> tuple[int, ...]:
@@ -86,6 +93,8 @@ class Cascade:
             "margin": self.margin,
             "agreement": self.agreement,
             "calibration_images": self.calibration_images,
+            "order_rule": self.order_rule,
+            "calibration_scores": [list(row) for row in self.calibration_scores],
         }
 
 
@@ -163,6 +172,55 @@ def calibrate_cascade(
         reached &= ~exits
     agreement = float(np.mean(cascade_labels == full))
     return Cascade(tuple(built), target_agreement, margin, agreement, count)
+
+
+def search_order(
+    member_scores: np.ndarray,
+    threshold: float,
+    rule: str,
+    gflops: list[float],
+    target_agreement: float = DEFAULT_AGREEMENT,
+    margin: float = DEFAULT_MARGIN,
+) -> Cascade:
+    """The one-member-per-stage cascade, over every member order, that spends the fewest GFLOPs per image
+    on the calibration images (Cascade.mean_gflops) once its windows are calibrated; ties go to the order
+    met first, cheapest first. A costlier member can pay for itself by sending more images out at once.
+    More than SEARCH_MEMBERS members: cheapest first only."""
+    first = [stage[0] for stage in cheapest_first(gflops)]
+    orders = itertools.permutations(first) if len(gflops) <= SEARCH_MEMBERS else [tuple(first)]
+    best = None
+    for order in orders:
+        cascade = calibrate_cascade(member_scores, threshold, rule, [[m] for m in order], gflops,
+                                    target_agreement, margin)  # fmt: skip
+        if best is None or cascade.mean_gflops() < best.mean_gflops() - 1e-12:
+            best = cascade
+    return replace(best, order_rule="search")
+
+
+def member_costs(cascade: Cascade) -> list[float]:
+    """Each member's GFLOPs per image, from a cascade of one member per stage."""
+    costs = [0.0] * len(cascade.order)
+    for stage in cascade.stages:
+        if len(stage.members) != 1:
+            raise TilecoreError(f"cascade stage with members {list(stage.members)}: expected one member per stage")
+        costs[stage.members[0]] = stage.gflops
+    return costs
+
+
+def refit(cascade: Cascade, extra_scores: np.ndarray, threshold: float, rule: str) -> Cascade:
+    """The cascade with its windows calibrated again at `threshold` (tilecore calibrate), on export's
+    calibration images (cascade.calibration_scores) plus more images' normalised member scores
+    extra_scores [M, K] (a line's good images); the order is searched again when it was searched."""
+    extra = np.asarray(extra_scores, dtype=np.float32).reshape(len(cascade.order), -1)  # [M, K]
+    scores = np.concatenate([np.asarray(cascade.calibration_scores, dtype=np.float32), extra], axis=1)  # [M, N + K]
+    gflops = member_costs(cascade)
+    if cascade.order_rule == "search":
+        fitted = search_order(scores, threshold, rule, gflops, cascade.target_agreement, cascade.margin)
+    else:
+        stages = [list(stage.members) for stage in cascade.stages]
+        fitted = calibrate_cascade(scores, threshold, rule, stages, gflops, cascade.target_agreement, cascade.margin)
+        fitted = replace(fitted, order_rule=cascade.order_rule)
+    return replace(fitted, calibration_scores=cascade.calibration_scores)
 
 
 def cheapest_first(gflops: list[float], order: list[int] | None = None) -> list[list[int]]:

@@ -31,7 +31,7 @@ from tilecore.runtime.anomaly_map import MAP_RULE
 from tilecore.runtime.artifacts import atomic_write_bytes, sha256_file
 from tilecore.runtime.bundle_files import DIGEST_FILE, MANIFEST_FILE, NOT_IN_FILES, SIGNATURE_FILE  # noqa: F401
 from tilecore.runtime.calibration import FUSION_RULES, MIN_CALIBRATION_IMAGES, NormalStats
-from tilecore.runtime.cascade import Cascade, CascadeStage
+from tilecore.runtime.cascade import ORDER_RULES, Cascade, CascadeStage
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import INDEX_KINDS, RULE_NEAREST, RULE_REWEIGHTED
 from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, MemberCalibration, MergeRule
@@ -40,7 +40,8 @@ from tilecore.runtime.spatial import TileGate
 from tilecore.runtime.tiling import TileGrid, tile_grid
 
 FORMAT = "tilecore-bundle"
-FORMAT_VERSION = 4  # 3: `identity` (name, version, created, fingerprints); 4: `cascade`, `coarse`
+FORMAT_VERSION = 5  # 3: `identity` (name, version, created, fingerprints); 4: `cascade`, `coarse`;
+# 5: the cascade's `order_rule` and `calibration_scores` (tilecore calibrate refits its windows)
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8", "int8+fp16")
 DISTANCES = ("euclidean",)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -720,9 +721,21 @@ def _read_cascade(f: Fields) -> Cascade:
         margin=f.number("margin", 0.0),
         agreement=f.number("agreement", 0.0, 1.0),
         calibration_images=f.integer("calibration_images", 1),
+        order_rule=f.string("order_rule", ORDER_RULES),
+        calibration_scores=_read_score_rows(f, "calibration_scores"),
     )
     f.end()
     return cascade
+
+
+def _read_score_rows(f: Fields, key: str) -> tuple[tuple[float, ...], ...]:
+    """A list of equally long lists of finite numbers (one per member), or [] (none recorded)."""
+    rows = f.value(key, "a list of per-member score lists")
+    if not isinstance(rows, list) or not all(isinstance(r, list) and all(_is_number(v) for v in r) for r in rows):
+        f.fail(key, "a list of per-member lists of finite numbers", "..." if isinstance(rows, list) else rows)
+    if rows and (len({len(r) for r in rows}) != 1 or not rows[0]):
+        f.fail(key, "per-member lists of one non-zero length", [len(r) for r in rows])
+    return tuple(tuple(float(v) for v in r) for r in rows)
 
 
 @dataclass(frozen=True)
@@ -966,6 +979,9 @@ class Manifest:
         order = sorted(self.cascade.order)
         if order != list(range(len(self.members))):
             f.fail("cascade.stages", f"each member index 0..{len(self.members) - 1} in exactly one stage", order)
+        rows = len(self.cascade.calibration_scores)
+        if rows not in (0, len(self.members)):
+            f.fail("cascade.calibration_scores", f"one score list per member ({len(self.members)})", rows)
         for i, stage in enumerate(self.cascade.stages):
             if stage.window is not None and not stage.window[0] <= self.thresholds.image <= stage.window[1]:
                 f.fail(f"cascade.stages[{i}].window", f"a window containing the image threshold "

@@ -154,8 +154,15 @@ def member_result(
 
 
 def ensemble_result(
-    members: list[TileOutputs], grid: TileGrid, rule: MergeRule, calibrations: list[MemberCalibration]
+    members: list[TileOutputs],
+    grid: TileGrid,
+    rule: MergeRule,
+    calibrations: list[MemberCalibration],
+    member_scores: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All members' raw tile outputs -> fused (image scores [B], maps [B, H, W])."""
+    """All members' raw tile outputs -> fused (image scores [B], maps [B, H, W]). `member_scores`: each
+    member's normalised image scores [M, B] are appended to it."""
     results = [member_result(o, grid, rule, c) for o, c in zip(members, calibrations, strict=True)]
+    if member_scores is not None:
+        member_scores.append(np.stack([r[0] for r in results]))  # [M, B]
     return fuse([r[0] for r in results], rule.fusion), fuse([r[1] for r in results], rule.fusion)

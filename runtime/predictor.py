@@ -260,6 +260,16 @@ class Predictor:
         per_image_ms = own.per_image_ms(len(images))
         return [replace(r, timings_ms=dict(per_image_ms)) for r in results]
 
+    def predict_with_member_scores(self, images: list[np.ndarray]) -> tuple[list[Result], np.ndarray]:
+        """predict_batch's results with every member run, and each member's normalised image scores [M, B]
+        (what a cascade stage fuses: tilecore calibrate refits the windows on them). Needs a Predictor
+        made with cascade=False and without recheck."""
+        if self.cascade is not None or self.coarse is not None or self.recheck is not None:
+            raise TilecoreError("member scores need a Predictor with cascade=False and no --recheck")
+        member_scores: list[np.ndarray] = []
+        results = self.score(images, self.engines, StageTimer(), member_scores)
+        return results, member_scores[0]
+
     def member_outputs(self, index: int, images: list[np.ndarray], engines: dict, own: StageTimer) -> TileOutputs:
         """Member `index`'s raw tile outputs for `images`, through its engine in `engines` and its indexes."""
         member, scorers = self.members[index]
@@ -278,16 +288,20 @@ class Predictor:
         chunk = max(1, engine.max_batch // len(images))
         return score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, own)
 
-    def score(self, images: list[np.ndarray], engines: dict, own: StageTimer) -> list[Result]:
+    def score(
+        self, images: list[np.ndarray], engines: dict, own: StageTimer, member_scores: list | None = None
+    ) -> list[Result]:
         """predict_batch's single pass with `engines` (one per graph), timing into `own`: every member, or
-        the cascade's stages (runtime.cascade.run_cascade) where the bundle has one and it is on."""
+        the cascade's stages (runtime.cascade.run_cascade) where the bundle has one and it is on.
+        `member_scores`: with every member run (no cascade, no coarse stage), each member's normalised image
+        scores [M, B] are appended to it (what a cascade stage fuses; tilecore calibrate refits on them)."""
         exit_stage, tiles_run = [None] * len(images), [None] * len(images)
         if self.coarse is not None:
             scores, maps, exit_stage, tiles_run = self.spatial_score(images, engines, own)
         elif self.cascade is None:
             raw = [self.member_outputs(i, images, engines, own) for i in range(len(self.members))]
             with own("merge"):
-                scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
+                scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations, member_scores)
         else:
 
             def outputs(index: int, positions: list[int]) -> TileOutputs:

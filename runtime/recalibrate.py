@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tilecore.runtime.artifacts import atomic_write_bytes
+from tilecore.runtime.cascade import refit
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.manifest import (
     SIGNATURE_FILE,
@@ -115,6 +116,7 @@ class GoodScores:
     pixel_threshold: float
     fingerprint: str  # sha256 over the sorted sha256s of the scored images' pixels
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    member_scores: np.ndarray | None = None  # [M, N] each member's normalised scores, for a cascade's refit
 
 
 def score_good_images(
@@ -136,9 +138,16 @@ def score_good_images(
     pixels = TailQuantile(pixel_quantile, len(sources) * height * width)  # maps are at the bundle's image size
     tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
     scores, digests, skipped = [], [], []
+    cascade = predictor.manifest.cascade
+    members: list[np.ndarray] | None = [] if cascade is not None and cascade.calibration_scores else None
 
     def flush(images: list[np.ndarray]) -> None:
-        for result in predictor.predict_batch(images):
+        if members is None:
+            results = predictor.predict_batch(images)
+        else:  # the cascade's windows are refit on these images too (recalibrated_manifest)
+            results, batch_scores = predictor.predict_with_member_scores(images)
+            members.append(batch_scores)  # [M, B]
+        for result in results:
             scores.append(result.score)
             pixels.add(result.anomaly_map)
 
@@ -163,7 +172,8 @@ def score_good_images(
         flush(pending)
     fingerprint = hashlib.sha256("\n".join(sorted(digests)).encode("ascii")).hexdigest()
     value = pixels.value() if scores else float("nan")
-    return GoodScores(np.asarray(scores, dtype=np.float64), value, fingerprint, skipped)
+    member_scores = np.concatenate(members, axis=1) if members else None  # [M, N]
+    return GoodScores(np.asarray(scores, dtype=np.float64), value, fingerprint, skipped, member_scores)
 
 
 def check_request(bundle: Path, out: Path, target_fpr: float, pixel_quantile: float | None) -> None:
@@ -198,8 +208,11 @@ def recalibrated_manifest(manifest: Manifest, good: GoodScores, target_fpr: floa
         pixel_rule=f"calibrate: quantile {pixel_quantile:g} of {n} good images' map pixels",
         recalibrated=record,
     )
-    cascade = manifest.cascade  # its windows move with the image threshold (Cascade.shifted)
-    if cascade is not None:
+    cascade = manifest.cascade
+    if cascade is not None and cascade.calibration_scores and good.member_scores is not None:
+        # windows set again at the new threshold, on export's calibration images and these good images
+        cascade = refit(cascade, good.member_scores, image, manifest.postprocess.rule.fusion)
+    elif cascade is not None:  # no calibration scores in the bundle: the windows move with the threshold
         cascade = cascade.shifted(image - manifest.thresholds.image)
     return replace(manifest, thresholds=thresholds, cascade=cascade)
 

@@ -119,18 +119,47 @@ def test_info_shows_the_stages(ensemble: dict[str, Path]) -> None:
     assert any("--cascade off" in line for line in lines)
 
 
-def test_calibrate_moves_the_windows_with_the_new_threshold(ensemble: dict[str, Path]) -> None:
+def pytorch_member_scores(run: Path, paths: list[str]) -> np.ndarray:
+    """Each member's normalised image scores [M, N] on `paths` from the PyTorch model (the reference)."""
+    from tilecore.runtime.image_io import read_rgb
+    from tilecore.runtime.merge import member_result
+    from tilecore.train.ensemble import load_category_model
+    from tilecore.train.model import load_embedder
+    from tilecore.train.run_dir import load_run_config
+
+    config = load_run_config(run)
+    embedders = [load_embedder(config, run, i) for i in range(len(config.members))]
+    model = load_category_model(config, run, "gravel", embedders)
+    raw = model.raw_outputs([read_rgb(p) for p in paths])
+    pairs = zip(raw, model.calibrations, strict=True)
+    return np.stack([member_result(o, model.grid, config.merge_rule(), c)[0] for o, c in pairs])  # [M, N]
+
+
+def test_calibrate_refits_the_windows_at_the_new_threshold_on_export_and_good_images(ensemble: dict[str, Path]) -> None:
+    from tilecore.runtime.cascade import calibrate_cascade
     from tilecore.runtime.manifest import read_manifest
     from tilecore.runtime.recalibrate import recalibrate
 
-    good = str(ensemble["root"] / "data" / "gravel" / "test" / "good" / "*.png")
+    paths = sorted(str(p) for p in (ensemble["root"] / "data" / "gravel" / "test" / "good").glob("*.png"))
     out = ensemble["root"] / "recalibrated"
-    outcome = recalibrate(ensemble["bundle"], good, out, target_fpr=0.25, device="cpu")
+    outcome = recalibrate(ensemble["bundle"], str(ensemble["root"] / "data" / "gravel" / "test" / "good" / "*.png"),
+                          out, target_fpr=0.25, device="cpu")  # fmt: skip
     before, after = read_manifest(ensemble["bundle"]), read_manifest(out)  # loads: every window holds it
-    delta = after.thresholds.image - before.thresholds.image
     assert outcome.manifest.cascade == after.cascade
-    for old, new in zip(before.cascade.stages[:-1], after.cascade.stages[:-1], strict=True):
-        assert new.window == pytest.approx((old.window[0] + delta, old.window[1] + delta))
+    assert after.cascade.calibration_scores == before.cascade.calibration_scores  # export's, kept for the next
+    assert after.cascade.calibration_images == before.cascade.calibration_images + len(paths)
+    calibration = json.loads((ensemble["run"] / "gravel" / "calibration.json").read_text())
+    exported = np.concatenate([calibration["validation_member_scores"], calibration["synthetic_member_scores"]], 1)
+    np.testing.assert_allclose(np.asarray(before.cascade.calibration_scores), exported, atol=1e-6)
+    # the reference: windows set by calibrate_cascade at the new threshold on export's + PyTorch's good scores
+    scores = np.concatenate([exported, pytorch_member_scores(ensemble["run"], paths)], axis=1)
+    c = before.cascade
+    reference = calibrate_cascade(scores, after.thresholds.image, before.postprocess.rule.fusion,
+                                  [list(s.members) for s in c.stages], [s.gflops for s in sorted(
+                                      c.stages, key=lambda s: s.members[0])], c.target_agreement, c.margin)  # fmt: skip
+    for ref, new in zip(reference.stages[:-1], after.cascade.stages[:-1], strict=True):
+        assert new.window == pytest.approx(ref.window, abs=1e-3)
+    assert after.cascade.agreement == reference.agreement
 
 
 def test_bench_counts_each_stages_images_and_tiles_and_times_the_full_ensemble_too(ensemble: dict[str, Path]) -> None:

@@ -32,15 +32,18 @@ SHORT = {"mnv2": "mobilenetv2_100", "lite0": "tf_efficientnet_lite0", "lite1": "
          "lite2": "tf_efficientnet_lite2"}  # fmt: skip
 LAYERS = ["blocks.2", "blocks.4"]  # as tools/bench_cascade.py
 CATEGORIES = ["brick", "grass", "gravel"]
+LINE_IMAGES = 100  # good images per category for a line-calibrated threshold (tilecore calibrate --target-fpr)
 
 
-def ensure_data(data: Path, normals: Path, size: int) -> None:
+def ensure_data(data: Path, normals: Path, line: Path, size: int) -> None:
     from tilecore.train.synth import build_synth_dataset
 
     if not (data / "dataset.json").is_file():
         build_synth_dataset(data, size, seed=0)
     if not (normals / "dataset.json").is_file():
         build_synth_dataset(normals, size, seed=1, n_train=1, n_test_good=100, n_test_defect=1)
+    if not (line / "dataset.json").is_file():  # good images "from the line" for tilecore calibrate, seed 2
+        build_synth_dataset(line, size, seed=2, n_train=1, n_test_good=LINE_IMAGES, n_test_defect=1)
 
 
 def stream(run: Path, category: str, normals: Path, defects: int) -> tuple[list[str], np.ndarray]:
@@ -77,6 +80,7 @@ def staged(cascade, scores: np.ndarray, threshold: float, rule: str, gflops: lis
 
     count = scores.shape[1]
     reached, labels, cost, exits, run = np.ones(count, bool), np.zeros(count, bool), np.zeros(count), [], []
+    exit_scores = np.zeros(count)
     for stage in cascade.stages:
         run += list(stage.members)
         fused = partial_scores(scores, run, rule)
@@ -86,9 +90,10 @@ def staged(cascade, scores: np.ndarray, threshold: float, rule: str, gflops: lis
             low, high = min(stage.window[0], threshold), max(stage.window[1], threshold)
             leaving &= (fused < low) | (fused > high)
         labels[leaving] = fused[leaving] >= threshold
+        exit_scores[leaving] = fused[leaving]
         exits.append(float(leaving.mean()))
         reached &= ~leaving
-    return {"labels": labels, "exit_shares": exits, "gflops_per_image": float(cost.mean())}
+    return {"labels": labels, "scores": exit_scores, "exit_shares": exits, "gflops_per_image": float(cost.mean())}
 
 
 def oracle(scores: np.ndarray, threshold: float, rule: str, gflops: list[float], order: list[int], agreement: float):
@@ -128,6 +133,7 @@ def oracle(scores: np.ndarray, threshold: float, rule: str, gflops: list[float],
             result = staged(Cascade(stages, agreement, 0.0, 0.0, count), scores, threshold, rule, gflops)
             if best is None or result["gflops_per_image"] < best["gflops_per_image"]:
                 best = {**result, "windows": [list(w) for w in windows]}
+    best.pop("scores")
     best["agreement"] = float(np.mean(best.pop("labels") == full))
     return best
 
@@ -139,9 +145,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--data", default="data/synth{size}")
     parser.add_argument("--normals", default="data/synth{size}_normals", help="held-out normals, seed 1")
+    parser.add_argument("--line", default="data/synth{size}_line", help="good images for --line-fpr, seed 2")
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--stream-defects", type=int, default=5)
     parser.add_argument("--agreement", type=float, default=0.99, help="the oracle's agreement target on the stream")
+    parser.add_argument(
+        "--line-fpr",
+        type=float,
+        nargs="*",
+        default=[0.01, 0.02, 0.05],
+        help="operating points besides the run's own threshold: the threshold `tilecore calibrate --target-fpr F` "
+        "sets on the --line good images",
+    )
     args = parser.parse_args()
 
     from tilecore.runtime.cascade import cheapest_first
@@ -150,7 +165,8 @@ def main() -> None:
     from tilecore.train.fit import train_run
 
     data, normals = Path(args.data.format(size=args.size)), Path(args.normals.format(size=args.size))
-    ensure_data(data, normals, args.size)
+    line = Path(args.line.format(size=args.size))
+    ensure_data(data, normals, line, args.size)
     members = [SHORT[m] for m in args.members.split("+")]
     raw = {"data": {"root": str(data.resolve()), "image_size": args.size, "categories": CATEGORIES},
            "members": [{"backbone": b, "layers": LAYERS, "coreset_ratio": args.coreset} for b in members]}  # fmt: skip
@@ -167,40 +183,91 @@ def main() -> None:
     report = {"command": f"python tools/cascade_bound.py {options}", "cpu": cpu_model(), "members": members,
               "gflops": gflops, "order": order, "categories": {}}  # fmt: skip
     for category in CATEGORIES:
-        paths, labels = stream(run, category, normals, args.stream_defects)
-        if cached.get(category, {}).get("paths") != paths:
-            cached[category] = {"paths": paths, "scores": member_scores(config, run, category, paths).tolist()}
-            write_json(cache, cached)
-        scores = np.array(cached[category]["scores"])  # [M, N]
-        report["categories"][category] = describe(config, run, category, scores, labels, gflops, order, args.agreement)
-        print(category, json.dumps({k: v for k, v in report["categories"][category].items() if k != "windows"}))
+        sets = image_sets(run, category, normals, line, args.stream_defects)
+        for name, (paths, _) in sets.items():
+            key = f"{category}/{name}"
+            if cached.get(key, {}).get("paths") != paths:
+                cached[key] = {"paths": paths, "scores": member_scores(config, run, category, paths).tolist()}
+                write_json(cache, cached)
+        scores = {name: np.array(cached[f"{category}/{name}"]["scores"]) for name in sets}  # name -> [M, N]
+        labels = {name: labels for name, (_, labels) in sets.items()}
+        entry = describe(config, run, category, scores, labels, gflops, order, args)
+        report["categories"][category] = entry
+        for point, result in entry["operating_points"].items():
+            brief = {k: {kk: vv for kk, vv in v.items() if kk != "windows"} if isinstance(v, dict) else v
+                     for k, v in result.items()}  # fmt: skip
+            print(category, point, json.dumps(brief))
     write_json(args.out / "bound.json", report)
 
 
-def describe(config, run: Path, category: str, scores: np.ndarray, labels: np.ndarray, gflops, order, agreement):
+def image_sets(run: Path, category: str, normals: Path, line: Path, defects: int) -> dict:
+    """name -> (paths, labels [N]): the stream, the whole test split, and the line's good images."""
+    test = json.loads((run / category / "split.json").read_text())["test"]
+    line_paths = sorted(str(p) for p in (line / category / "test" / "good").glob("*.png"))
+    return {
+        "stream": stream(run, category, normals, defects),
+        "test": (test, np.array([0 if "/good/" in p else 1 for p in test])),
+        "line": (line_paths, np.zeros(len(line_paths), dtype=int)),
+    }
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
+
+
+def judge(cascade, scores: dict, labels: dict, threshold: float, rule: str, gflops: list[float], order) -> dict:
+    """What `cascade` does at `threshold` on the stream and the test split, against the full ensemble."""
+    from tilecore.runtime.cascade import partial_scores
+
+    out = {"windows": [s.window and list(s.window) for s in cascade.stages]}
+    for name in ("stream", "test"):
+        full_scores = partial_scores(scores[name], order, rule)
+        result = staged(cascade, scores[name], threshold, rule, gflops)
+        out[name] = {
+            "agreement": float(np.mean(result["labels"] == (full_scores >= threshold))),
+            "auroc_full": auroc(labels[name], full_scores),
+            "auroc_cascade": auroc(labels[name], result["scores"]),
+            "exit_shares": result["exit_shares"],
+            "gflops_ratio": float(sum(gflops)) / result["gflops_per_image"],
+        }
+    return out
+
+
+def describe(config, run: Path, category: str, scores: dict, labels: dict, gflops, order, args) -> dict:
+    """At the run's own threshold and at each line-calibrated one: the cascade `tilecore calibrate` ships
+    (export's windows moved with the threshold), windows refit at that threshold on the same calibration
+    images, and the stream oracle."""
     from tilecore.runtime.cascade import calibrate_cascade, partial_scores
+    from tilecore.runtime.recalibrate import fpr_threshold
 
     calibration = json.loads((run / category / "calibration.json").read_text())
     threshold, rule = calibration["thresholds"]["image"], config.fusion.rule
     calibration_scores = np.concatenate(
         [np.array(calibration["validation_member_scores"]), np.array(calibration["synthetic_member_scores"])], axis=1
     )  # [M, normals + synthetic defects], what export calibrates on
-    exported = calibrate_cascade(calibration_scores, threshold, rule, [[m] for m in order], gflops,
-                                 config.cascade.agreement, config.cascade.margin)  # fmt: skip
-    full = partial_scores(scores, order, rule) >= threshold
-    as_exported = staged(exported, scores, threshold, rule, gflops)
-    best = oracle(scores, threshold, rule, gflops, order, agreement)
-    total = float(sum(gflops))
-    return {
-        "stream_images": int(scores.shape[1]),
-        "normal_share": float(np.mean(labels == 0)),
-        "normals_flagged_by_full": float(full[labels == 0].mean()),
-        "calibration_images": int(calibration_scores.shape[1]),
-        "exported": {"agreement": float(np.mean(as_exported.pop("labels") == full)), **as_exported,
-                     "gflops_ratio": total / as_exported["gflops_per_image"],
-                     "windows": [s.window and list(s.window) for s in exported.stages]},  # fmt: skip
-        "oracle": {**best, "gflops_ratio": total / best["gflops_per_image"]},
-    }
+    stages = [[m] for m in order]
+    c = config.cascade
+    exported = calibrate_cascade(calibration_scores, threshold, rule, stages, gflops, c.agreement, c.margin)
+    line_full = partial_scores(scores["line"], order, rule)
+    points = {"run threshold": threshold}
+    points.update({f"line fpr {f:g}": fpr_threshold(line_full, f) for f in args.line_fpr})
+    stream_full = partial_scores(scores["stream"], order, rule)
+    entry = {"stream_images": int(scores["stream"].shape[1]), "calibration_images": int(calibration_scores.shape[1]),
+             "operating_points": {}}  # fmt: skip
+    for point, t in points.items():
+        refit = calibrate_cascade(calibration_scores, t, rule, stages, gflops, c.agreement, c.margin)
+        best = oracle(scores["stream"], t, rule, gflops, order, args.agreement)
+        entry["operating_points"][point] = {
+            "threshold": float(t),
+            "stream_normals_flagged": float((stream_full >= t)[labels["stream"] == 0].mean()),
+            "line_flagged": float((line_full >= t).mean()),
+            "shifted": judge(exported.shifted(t - threshold), scores, labels, t, rule, gflops, order),
+            "refit": judge(refit, scores, labels, t, rule, gflops, order),
+            "oracle_gflops_ratio": float(sum(gflops)) / best["gflops_per_image"],
+        }
+    return entry
 
 
 if __name__ == "__main__":

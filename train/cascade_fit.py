@@ -8,12 +8,13 @@ defects painted into them), so export and `tilecore eval` set the same windows w
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tilecore.runtime.cascade import Cascade, calibrate_cascade, cheapest_first
+from tilecore.runtime.cascade import Cascade, calibrate_cascade, cheapest_first, search_order
 from tilecore.runtime.errors import TilecoreError
 from tilecore.train.config import Config, MemberConfig
 from tilecore.train.model import build_net, grid_for
@@ -60,15 +61,15 @@ def fit_cascade(
     scores = np.concatenate([normal, anomalous], axis=1)  # [M, N + K]
     gflops = gflops if gflops is not None else member_gflops(config)
     c = config.cascade
-    return calibrate_cascade(
-        scores,
-        float(calibration["thresholds"]["image"]),
-        config.fusion.rule,
-        cheapest_first(gflops, c.order),
-        gflops,
-        c.agreement,
-        c.margin,
-    )
+    threshold = float(calibration["thresholds"]["image"])
+    if c.search_order:
+        cascade = search_order(scores, threshold, config.fusion.rule, gflops, c.agreement, c.margin)
+    else:
+        stages = cheapest_first(gflops, c.order)
+        cascade = calibrate_cascade(scores, threshold, config.fusion.rule, stages, gflops, c.agreement, c.margin)
+        cascade = replace(cascade, order_rule="given" if c.order else "cheapest")
+    rows = tuple(tuple(float(v) for v in row) for row in scores)  # what tilecore calibrate refits on
+    return replace(cascade, calibration_scores=rows)
 
 
 def describe(cascade: Cascade) -> str:

@@ -120,6 +120,7 @@ class CascadeConfig:
     agreement: float = 0.995  # share of calibration images that must keep the full ensemble's label
     margin: float = 1.0  # window widening, in standard deviations of (full - stage score) on calibration images
     order: list[int] = field(default_factory=list)  # member order; empty: cheapest first (backbone GFLOPs)
+    search_order: bool = False  # try every member order, keep the one spending the fewest GFLOPs on calibration images
 
 
 @dataclass
@@ -357,6 +358,7 @@ def validate(config: Config, origin: str = "config") -> None:
             c.order,
             f"empty or each member index 0..{len(config.members) - 1} once",
         ),
+        (not (c.order and c.search_order), "cascade.order", c.order, "empty when cascade.search_order is true"),
         (
             not (t.preset and (t.tile_size or t.stride or t.input_size or t.stacked)),
             "tiling.preset",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,9 @@ from tilecore.runtime.cascade import (
     cheapest_first,
     narrowest_window,
     partial_scores,
+    refit,
     run_cascade,
+    search_order,
 )
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.merge import MemberCalibration, MergeRule, TileOutputs, ensemble_result
@@ -174,7 +177,8 @@ def with_cascade(raw: dict, members: int, windows: list) -> dict:
     stages = [{"members": [i], "window": w, "gflops": 1.0, "exit_share": 0.5} for i, w in enumerate(windows)]
     stages[-1].pop("window")
     raw["cascade"] = {"stages": stages, "target_agreement": 0.995, "margin": 1.0, "agreement": 1.0,
-                      "calibration_images": 30}  # fmt: skip
+                      "calibration_images": 30, "order_rule": "cheapest",
+                      "calibration_scores": [[0.5, -0.25, 1.5]] * members}  # fmt: skip
     return raw
 
 
@@ -186,6 +190,7 @@ def test_a_cascade_round_trips_through_the_manifest(bundle_manifest: dict) -> No
     manifest = Manifest.from_dict(raw)
     assert manifest.cascade.order == (0, 1)
     assert manifest.cascade.stages[0].window == (t - 1, t + 1)
+    assert manifest.cascade.calibration_scores == ((0.5, -0.25, 1.5), (0.5, -0.25, 1.5))
     assert Manifest.from_dict(manifest.to_dict()) == manifest
 
 
@@ -199,6 +204,19 @@ def test_a_cascade_round_trips_through_the_manifest(bundle_manifest: dict) -> No
             "window containing the image threshold",
         ),  # fmt: skip
         (lambda raw, t: raw["cascade"]["stages"][1].update(window=[t - 1, t + 1]), r"the last stage has no window"),
+        (lambda raw, t: raw["cascade"].update(order_rule="fastest"), r"order_rule: expected one of 'cheapest'"),
+        (
+            lambda raw, t: raw["cascade"].update(calibration_scores=[[0.5]]),
+            r"calibration_scores: expected one score list per member \(2\)",
+        ),
+        (
+            lambda raw, t: raw["cascade"].update(calibration_scores=[[0.5], [float("nan")]]),
+            r"calibration_scores: expected a list of per-member lists of finite numbers",
+        ),
+        (
+            lambda raw, t: raw["cascade"].update(calibration_scores=[[0.5], [1.0, 2.0]]),
+            r"calibration_scores: expected per-member lists of one non-zero length",
+        ),
         (lambda raw, t: raw["cascade"]["stages"][0].update(window=[t + 1, t - 1]), r"low <= high"),
         (lambda raw, t: raw["cascade"].update(stages=raw["cascade"]["stages"][:1]), r"at least 2"),
     ],
@@ -214,9 +232,75 @@ def test_a_bad_cascade_record_is_refused_in_one_line(bundle_manifest: dict, chan
     assert "\n" not in str(refused.value)
 
 
-def test_a_format_3_bundle_is_refused_with_a_re_export_hint(bundle_manifest: dict) -> None:
+@pytest.mark.parametrize("old", [3, 4])  # 4: cascades without calibration scores
+def test_an_older_format_bundle_is_refused_with_a_re_export_hint(bundle_manifest: dict, old: int) -> None:
     from tilecore.runtime.manifest import Manifest
 
-    raw = dict(bundle_manifest, format_version=3)
-    with pytest.raises(TilecoreError, match="format version 3, this tilecore reads version 4; re-export"):
+    raw = dict(bundle_manifest, format_version=old)
+    with pytest.raises(TilecoreError, match=f"format version {old}, this tilecore reads version 5; re-export"):
         Manifest.from_dict(raw, "bundle b")
+
+
+def test_search_order_puts_a_costlier_member_first_when_it_lets_more_images_leave() -> None:
+    rng = np.random.default_rng(0)
+    truth = np.array([False] * 20 + [True] * 20)
+    informative = np.where(truth, 3.0, -3.0) + rng.normal(0, 0.1, 40)  # member 1: separates cleanly
+    vague = rng.normal(0, 0.05, 40)  # member 0: every score next to the threshold
+    scores = np.stack([vague, informative]).astype(np.float32)  # [M=2, N=40]
+    gflops = [1.0, 2.0]
+    cheapest = calibrate_cascade(scores, 0.0, "mean", cheapest_first(gflops), gflops, 1.0, 0.0)
+    searched = search_order(scores, 0.0, "mean", gflops, 1.0, 0.0)
+    assert cheapest.order == (0, 1) and cheapest.mean_gflops() > 2.8  # few leave after member 0
+    assert searched.order == (1, 0) and searched.order_rule == "search"
+    assert searched.mean_gflops() == pytest.approx(2.0)  # everybody leaves after member 1
+    assert searched.agreement == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_search_order_spends_the_least_of_every_order(seed: int) -> None:
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 1, (3, 60)).astype(np.float32) + np.linspace(-2, 2, 60, dtype=np.float32)  # [M, N]
+    gflops = [1.0, 1.5, 2.0]
+    costs = [calibrate_cascade(scores, 0.3, "mean", [[m] for m in order], gflops, 0.95, 0.5).mean_gflops()
+             for order in itertools.permutations(range(3))]  # fmt: skip
+    assert search_order(scores, 0.3, "mean", gflops, 0.95, 0.5).mean_gflops() == pytest.approx(min(costs))
+
+
+@pytest.mark.parametrize("rule", ["cheapest", "search"])
+def test_refit_sets_the_windows_on_export_and_new_images_at_the_new_threshold(rule: str) -> None:
+    rng = np.random.default_rng(3)
+    exported = rng.normal(0, 1, (3, 30)).astype(np.float32)  # [M, N] export's calibration images
+    line = rng.normal(-1, 0.5, (3, 50)).astype(np.float32)  # [M, K] good images from the line
+    gflops = [1.0, 1.5, 2.0]
+    if rule == "search":
+        cascade = search_order(exported, 0.0, "mean", gflops, 0.99, 1.0)
+    else:
+        cascade = calibrate_cascade(exported, 0.0, "mean", cheapest_first(gflops), gflops, 0.99, 1.0)
+    cascade = dataclasses.replace(cascade, calibration_scores=tuple(map(tuple, exported.tolist())))
+    fitted = refit(cascade, line, 0.8, "mean")
+    both = np.concatenate([exported, line], axis=1)
+    if rule == "search":
+        expected = search_order(both, 0.8, "mean", gflops, 0.99, 1.0)
+    else:
+        expected = calibrate_cascade(both, 0.8, "mean", cheapest_first(gflops), gflops, 0.99, 1.0)
+    assert [s.window for s in fitted.stages] == [s.window for s in expected.stages]
+    assert fitted.order == expected.order and fitted.order_rule == rule
+    assert fitted.calibration_images == 80 and fitted.calibration_scores == cascade.calibration_scores
+    assert all(s.window[0] <= 0.8 <= s.window[1] for s in fitted.stages[:-1])
+
+
+def test_calibrate_moves_windows_recorded_without_calibration_scores(bundle_manifest: dict) -> None:
+    from tilecore.runtime.manifest import Manifest
+    from tilecore.runtime.recalibrate import GoodScores, recalibrated_manifest
+
+    t = bundle_manifest["thresholds"]["image"]
+    raw = with_cascade(bundle_manifest, 2, [[t - 1, t + 1], None])
+    raw["cascade"]["calibration_scores"] = []
+    manifest = Manifest.from_dict(raw)
+    good = GoodScores(np.linspace(t, t + 1, 100), 1.0, "f" * 64)
+    moved = recalibrated_manifest(manifest, good, 0.01, 0.999)
+    delta = moved.thresholds.image - t
+    assert delta != 0
+    assert moved.cascade.stages[0].window == pytest.approx((t - 1 + delta, t + 1 + delta))

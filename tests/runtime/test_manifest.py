@@ -91,7 +91,7 @@ def test_an_old_format_version_is_refused_in_one_line(tiny: dict, tmp_path: Path
     raw["format_version"] = 1
     (bundle / MANIFEST_FILE).write_text(json.dumps(raw))
     (bundle / DIGEST_FILE).unlink()  # a version 1 bundle had no digest
-    with pytest.raises(TilecoreError, match="format version 1, this tilecore reads version 4; re-export"):
+    with pytest.raises(TilecoreError, match="format version 1, this tilecore reads version 5; re-export"):
         read_manifest(bundle)
 
 
@@ -101,11 +101,11 @@ def test_a_version_2_bundle_without_identity_is_refused_in_one_line(tiny: dict, 
     raw["format_version"] = 2  # what tilecore wrote before bundles had an identity
     del raw["identity"]
     rewrite(bundle, raw)
-    with pytest.raises(TilecoreError, match="format version 2, this tilecore reads version 4; re-export") as caught:
+    with pytest.raises(TilecoreError, match="format version 2, this tilecore reads version 5; re-export") as caught:
         read_manifest(bundle)
     assert "\n" not in str(caught.value)
     proc = run_cli("info", bundle, timeout=60)
-    assert_one_line_refusal(proc, r"format version 2, this tilecore reads version 4; re-export the bundle")
+    assert_one_line_refusal(proc, r"format version 2, this tilecore reads version 5; re-export the bundle")
 
 
 def test_the_identity_names_the_model_and_its_origins(tiny: dict) -> None:
