@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -29,12 +30,12 @@ from tilecore.runtime.knn import build_flat_index
 from tilecore.runtime.manifest import Coarse, IndexRecord, Member, Tiling
 from tilecore.runtime.merge import MemberCalibration
 from tilecore.runtime.spatial import (
+    GateScores,
     TileGate,
-    calibrate_gate,
     coarse_tile_maxima,
     coarse_zmaps,
+    fit_gate,
     run_spatial,
-    spatial_scores,
     tile_selection,
 )
 from tilecore.train.ensemble import CategoryModel, bank_groups, bank_path, load_bank, load_category_model
@@ -125,17 +126,13 @@ def calibrate_coarse(source: RunToExport, fine: CategoryModel, coarse: CategoryM
         for m, outputs in enumerate(fine.raw_outputs(chunk)):
             tile_scores[m].append(outputs.scores)  # [b, T]
         maxima.append(coarse_tile_maxima(zmaps_of(coarse, chunk), fine.grid))  # [b, T]
-    scores = [np.concatenate(s) for s in tile_scores]
-    c = np.concatenate(maxima)
+    scores = [np.concatenate(s) for s in tile_scores]  # [M] x [N, T]
+    c = np.concatenate(maxima)  # [N, T]
     rule, threshold = source.config.merge_rule(), float(source.calibration["thresholds"]["image"])
-
-    def labels_at(tile_threshold: float) -> np.ndarray:
-        return spatial_scores(scores, c, tile_threshold, fine.grid, rule, fine.calibrations) >= threshold
-
-    full = labels_at(-math.inf)  # every tile runs: the full ensemble's labels
-
     cascade = source.config.cascade
-    return calibrate_gate(c, normal, full, labels_at, cascade.agreement, cascade.margin)
+    gate = fit_gate(c, normal, scores, threshold, fine.grid, rule, fine.calibrations, cascade.agreement,
+                    cascade.margin)  # fmt: skip
+    return replace(gate, scores=GateScores.of(c, normal, scores))  # kept for tilecore calibrate (refit_gate)
 
 
 def describe_gate(gate: TileGate) -> str:

@@ -36,12 +36,12 @@ from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.knn import INDEX_KINDS, RULE_NEAREST, RULE_REWEIGHTED
 from tilecore.runtime.merge import IMAGE_SCORE_RULES, NORMALISATION_LEVELS, MemberCalibration, MergeRule
 from tilecore.runtime.preprocess import RESIZE_RULE, Preprocess
-from tilecore.runtime.spatial import TileGate
+from tilecore.runtime.spatial import GateScores, TileGate
 from tilecore.runtime.tiling import TileGrid, tile_grid
 
 FORMAT = "tilecore-bundle"
 FORMAT_VERSION = 5  # 3: `identity` (name, version, created, fingerprints); 4: `cascade`, `coarse`;
-# 5: the cascade's `order_rule` and `calibration_scores` (tilecore calibrate refits its windows)
+# 5: the cascade's `order_rule` and `calibration_scores`, the gate's `gate_scores` (tilecore calibrate refits them)
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8", "int8+fp16")
 DISTANCES = ("euclidean",)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -761,6 +761,33 @@ class Coarse:
         }
 
 
+def _number_rows(f: Fields, key: str, value: Any) -> tuple[tuple[float, ...], ...]:
+    """A list of equally long, non-empty lists of finite numbers."""
+    if not (isinstance(value, list) and value and all(isinstance(r, list) and r and all(_is_number(v) for v in r)
+                                                      for r in value)):  # fmt: skip
+        f.fail(key, "a non-empty list of non-empty lists of finite numbers", "...")
+    if len({len(r) for r in value}) != 1:
+        f.fail(key, "lists of one length", sorted({len(r) for r in value}))
+    return tuple(tuple(float(v) for v in r) for r in value)
+
+
+def _read_gate_scores(f: Fields) -> GateScores:
+    """The gate's calibration images (runtime.spatial.GateScores); shapes are checked against the bundle in
+    Manifest.check_coarse."""
+    maxima = _number_rows(f, "maxima", f.value("maxima", "a list of per-image lists"))
+    normal = f.value("normal", "a list of booleans")
+    if not isinstance(normal, list) or not all(isinstance(v, bool) for v in normal) or len(normal) != len(maxima):
+        f.fail("normal", f"{len(maxima)} booleans (one per image of maxima)", "...")
+    members = f.value("tile_scores", "a list of per-member lists")
+    if not isinstance(members, list) or not members:
+        f.fail("tile_scores", "a non-empty list of per-member lists", "...")
+    tiles = tuple(_number_rows(f, f"tile_scores[{m}]", rows) for m, rows in enumerate(members))
+    if any(len(t) != len(maxima) or len(t[0]) != len(maxima[0]) for t in tiles):
+        f.fail("tile_scores", f"per member, the shape of maxima ({len(maxima)} x {len(maxima[0])})", "...")
+    f.end()
+    return GateScores(maxima, tuple(normal), tiles)
+
+
 def _read_coarse(f: Fields) -> Coarse:
     threshold = f.value("tile_threshold", "a finite number, or null (every tile runs)")
     if threshold is not None and not _is_number(threshold):
@@ -772,6 +799,7 @@ def _read_coarse(f: Fields) -> Coarse:
         agreement=f.number("agreement", 0.0, 1.0),
         tile_share=f.number("tile_share", 0.0, 1.0),
         calibration_images=f.integer("calibration_images", 1),
+        scores=_read_gate_scores(f.object("gate_scores")) if f.has("gate_scores") else None,
     )
     coarse = Coarse(
         member=Member.read(f.object("member")),
@@ -1002,6 +1030,11 @@ class Manifest:
             f.fail("coarse.member.banks", "1 file name (one tile location)", len(c.member.banks))
         if len(c.calibration.per_location) != 1:
             f.fail("coarse.calibration.per_location", "1 entry (one tile location)", len(c.calibration.per_location))
+        if c.gate.scores is not None:
+            shape = (len(c.gate.scores.tile_scores), len(c.gate.scores.maxima[0]))
+            if shape != (len(self.members), count):
+                f.fail("coarse.gate_scores", f"{len(self.members)} member(s) x {count} tile locations",
+                       list(shape))  # fmt: skip
         named = [("coarse.member.engine", c.member.engine)]
         return named + [(f"coarse.member.indexes[{j}].file", r.file) for j, r in enumerate(c.member.indexes)]
 

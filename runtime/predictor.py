@@ -56,6 +56,16 @@ def check_embedding_shapes(engines: dict[str, Engine], manifest: Manifest, where
         member.check_embeddings(shapes[member.engine], where)
 
 
+@dataclass
+class CalibrationPass:
+    """Predictor.calibration_pass: the full ensemble's results and what cascades and gates are refit on."""
+
+    results: list[Result]
+    member_scores: np.ndarray  # [M, B] each member's normalised image scores (what a cascade stage fuses)
+    tile_scores: np.ndarray  # [M, B, T] each member's raw tile scores
+    coarse_maxima: np.ndarray | None  # [B, T] the coarse stage's z-map maxima per fine tile, if the bundle has one
+
+
 def recheck_margin(manifest: Manifest, precision: str, recheck: float | str | None) -> float | None:
     """The cascade's margin: a score distance, or "auto": the largest score change the exporter measured
     for `precision` on the validation images (manifest `reduced_precision`)."""
@@ -203,21 +213,22 @@ class Predictor:
                 for name in set(member.banks)
             }
             self.members.append((member, [scorers[name] for name in member.banks]))
-        self.coarse = m.coarse if cascade else None  # manifest.Coarse or None
+        self.coarse_stage = m.coarse  # manifest.Coarse or None: loaded whenever the bundle has one
+        self.coarse = m.coarse if cascade else None  # the coarse stage gating the tiles, or None
         all_scorers = [s for _, scorers in self.members for s in scorers]
-        if self.coarse is not None:
+        if self.coarse_stage is not None:
             self.coarse_scorer = self.load_coarse(options, engines, where)
             all_scorers.append(self.coarse_scorer)
         self.knn_device = place_beside_engines(all_scorers, self.engines.values())  # where an engine computes
 
     def load_coarse(self, options: EngineOptions, engines: dict[str, Engine], where: str) -> BankScorer:
         """The coarse stage's fp32 engine (a fine member's when it is the same graph) and its index's scorer."""
-        member = self.coarse.member
+        member = self.coarse_stage.member
         if member.engine in engines and options.precision == "fp32":
             self.coarse_engine = engines[member.engine]
         else:
             self.coarse_engine = self.open_graph(member.engine, replace(options, precision="fp32"))
-        tile = np.zeros((1, 3, *self.coarse.tiling.backbone_input), dtype=np.float32)
+        tile = np.zeros((1, 3, *self.coarse_stage.tiling.backbone_input), dtype=np.float32)
         member.check_embeddings(tuple(self.coarse_engine.run(tile).shape), where)
         record = member.indexes[0]
         index = read_bank_index(read_checked(self.bundle, self.manifest, record.file), record.file, record.rows,
@@ -260,15 +271,24 @@ class Predictor:
         per_image_ms = own.per_image_ms(len(images))
         return [replace(r, timings_ms=dict(per_image_ms)) for r in results]
 
-    def predict_with_member_scores(self, images: list[np.ndarray]) -> tuple[list[Result], np.ndarray]:
-        """predict_batch's results with every member run, and each member's normalised image scores [M, B]
-        (what a cascade stage fuses: tilecore calibrate refits the windows on them). Needs a Predictor
-        made with cascade=False and without recheck."""
+    def calibration_pass(self, images: list[np.ndarray]) -> CalibrationPass:
+        """Every member on every tile (no cascade, no gate), with what tilecore calibrate refits a bundle's
+        cascade windows and tile gate on. Needs a Predictor made with cascade=False and without recheck."""
         if self.cascade is not None or self.coarse is not None or self.recheck is not None:
-            raise TilecoreError("member scores need a Predictor with cascade=False and no --recheck")
+            raise TilecoreError("a calibration pass needs a Predictor with cascade=False and no --recheck")
+        own = StageTimer()
+        raw = [self.member_outputs(i, images, self.engines, own) for i in range(len(self.members))]
         member_scores: list[np.ndarray] = []
-        results = self.score(images, self.engines, StageTimer(), member_scores)
-        return results, member_scores[0]
+        scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations, member_scores)
+        maxima = None
+        if self.coarse_stage is not None:
+            maxima = coarse_tile_maxima(self.coarse_maps(images), self.grid)  # [B, T]
+        return CalibrationPass(
+            results=self.results_of(scores, maps, [None] * len(images), [None] * len(images)),
+            member_scores=member_scores[0],
+            tile_scores=np.stack([o.scores for o in raw]),  # [M, B, T] raw tile scores
+            coarse_maxima=maxima,
+        )
 
     def member_outputs(self, index: int, images: list[np.ndarray], engines: dict, own: StageTimer) -> TileOutputs:
         """Member `index`'s raw tile outputs for `images`, through its engine in `engines` and its indexes."""
@@ -288,20 +308,16 @@ class Predictor:
         chunk = max(1, engine.max_batch // len(images))
         return score_locations(embed, scorers, self.grid, self.rule.blur_sigma, chunk, own)
 
-    def score(
-        self, images: list[np.ndarray], engines: dict, own: StageTimer, member_scores: list | None = None
-    ) -> list[Result]:
+    def score(self, images: list[np.ndarray], engines: dict, own: StageTimer) -> list[Result]:
         """predict_batch's single pass with `engines` (one per graph), timing into `own`: every member, or
-        the cascade's stages (runtime.cascade.run_cascade) where the bundle has one and it is on.
-        `member_scores`: with every member run (no cascade, no coarse stage), each member's normalised image
-        scores [M, B] are appended to it (what a cascade stage fuses; tilecore calibrate refits on them)."""
+        the cascade's stages (runtime.cascade.run_cascade) where the bundle has one and it is on."""
         exit_stage, tiles_run = [None] * len(images), [None] * len(images)
         if self.coarse is not None:
             scores, maps, exit_stage, tiles_run = self.spatial_score(images, engines, own)
         elif self.cascade is None:
             raw = [self.member_outputs(i, images, engines, own) for i in range(len(self.members))]
             with own("merge"):
-                scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations, member_scores)
+                scores, maps = ensemble_result(raw, self.grid, self.rule, self.calibrations)
         else:
 
             def outputs(index: int, positions: list[int]) -> TileOutputs:
@@ -311,8 +327,12 @@ class Predictor:
             staged = run_cascade(len(images), outputs, self.cascade, *args)
             scores, maps, exit_stage = staged.scores, staged.maps, [int(s) for s in staged.exit_stage]
         with own("merge"):
-            labels = scores >= self.thresholds.image
-            masks = maps >= self.thresholds.pixel
+            return self.results_of(scores, maps, exit_stage, tiles_run)
+
+    def results_of(self, scores: np.ndarray, maps: np.ndarray, exit_stage: list, tiles_run: list) -> list[Result]:
+        """Fused scores [B] and maps [B, H, W] -> one Result each, labelled and masked at the thresholds."""
+        labels = scores >= self.thresholds.image
+        masks = maps >= self.thresholds.pixel
         image = self.thresholds.image
         return [
             Result(float(score), bool(label), anomaly_map, mask, threshold=image, exit_stage=stage, tiles_run=ran)
@@ -323,13 +343,14 @@ class Predictor:
 
     def coarse_maps(self, images: list[np.ndarray]) -> np.ndarray:
         """The coarse member's z-maps [B, H, W]: the whole image as one tile through its engine and index."""
-        member, grid = self.coarse.member, self.coarse.tiling.tile_grid()
-        inputs = [tiles_at(normalise_rgb(image, member.preprocess), grid, [0], self.coarse.tiling.backbone_input)
+        coarse = self.coarse_stage
+        member, grid = coarse.member, coarse.tiling.tile_grid()
+        inputs = [tiles_at(normalise_rgb(image, member.preprocess), grid, [0], coarse.tiling.backbone_input)
                   for image in images]  # fmt: skip
         embeddings = self.coarse_engine.run(np.concatenate(inputs))  # [B, h, w, D]
         patches, scores = self.coarse_scorer.score(embeddings)  # [B, h, w], [B]
-        maps = tile_outputs(patches[:, None], scores[:, None], grid, self.coarse.blur_sigma).maps[:, 0]  # [B, H, W]
-        return coarse_zmaps(maps, self.coarse.calibration.image)
+        maps = tile_outputs(patches[:, None], scores[:, None], grid, coarse.blur_sigma).maps[:, 0]  # [B, H, W]
+        return coarse_zmaps(maps, coarse.calibration.image)
 
     def fine_outputs(self, images: list[np.ndarray], engines: dict, own: StageTimer):
         """runtime.spatial's fine_outputs(member, location, positions) over this batch: the selected images'

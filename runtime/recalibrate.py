@@ -42,6 +42,7 @@ from tilecore.runtime.manifest import (
     write_manifest,
 )
 from tilecore.runtime.sources import is_camera, iter_sources, validate_image
+from tilecore.runtime.spatial import refit_gate
 
 DEFAULT_PIXEL_QUANTILE = 0.999  # when the bundle's pixel_rule names no quantile (train's fusion.pixel_quantile)
 _FPR_EPS = 1e-9  # keeps floor(0.01 * 100) at 1 despite binary fractions
@@ -117,6 +118,8 @@ class GoodScores:
     fingerprint: str  # sha256 over the sorted sha256s of the scored images' pixels
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     member_scores: np.ndarray | None = None  # [M, N] each member's normalised scores, for a cascade's refit
+    tile_scores: np.ndarray | None = None  # [M, N, T] raw fine tile scores, for the coarse gate's refit
+    coarse_maxima: np.ndarray | None = None  # [N, T] the coarse stage's maxima per fine tile
 
 
 def score_good_images(
@@ -138,15 +141,14 @@ def score_good_images(
     pixels = TailQuantile(pixel_quantile, len(sources) * height * width)  # maps are at the bundle's image size
     tile_hw = (predictor.grid.tile_h, predictor.grid.tile_w)
     scores, digests, skipped = [], [], []
-    cascade = predictor.manifest.cascade
-    members: list[np.ndarray] | None = [] if cascade is not None and cascade.calibration_scores else None
+    passes = [] if refits(predictor.manifest) else None  # Predictor.calibration_pass per batch
 
     def flush(images: list[np.ndarray]) -> None:
-        if members is None:
+        if passes is None:
             results = predictor.predict_batch(images)
-        else:  # the cascade's windows are refit on these images too (recalibrated_manifest)
-            results, batch_scores = predictor.predict_with_member_scores(images)
-            members.append(batch_scores)  # [M, B]
+        else:  # the cascade's windows and the gate are refit on these images too (recalibrated_manifest)
+            passes.append(predictor.calibration_pass(images))
+            results = passes[-1].results
         for result in results:
             scores.append(result.score)
             pixels.add(result.anomaly_map)
@@ -172,8 +174,20 @@ def score_good_images(
         flush(pending)
     fingerprint = hashlib.sha256("\n".join(sorted(digests)).encode("ascii")).hexdigest()
     value = pixels.value() if scores else float("nan")
-    member_scores = np.concatenate(members, axis=1) if members else None  # [M, N]
-    return GoodScores(np.asarray(scores, dtype=np.float64), value, fingerprint, skipped, member_scores)
+    good = GoodScores(np.asarray(scores, dtype=np.float64), value, fingerprint, skipped)
+    if passes:
+        good.member_scores = np.concatenate([p.member_scores for p in passes], axis=1)  # [M, N]
+        good.tile_scores = np.concatenate([p.tile_scores for p in passes], axis=1)  # [M, N, T]
+        if passes[0].coarse_maxima is not None:
+            good.coarse_maxima = np.concatenate([p.coarse_maxima for p in passes])  # [N, T]
+    return good
+
+
+def refits(manifest: Manifest) -> bool:
+    """Whether the bundle records what its cascade windows or tile gate are refit on."""
+    cascade, coarse = manifest.cascade, manifest.coarse
+    windows = cascade is not None and bool(cascade.calibration_scores)
+    return windows or (coarse is not None and coarse.gate.scores is not None)
 
 
 def check_request(bundle: Path, out: Path, target_fpr: float, pixel_quantile: float | None) -> None:
@@ -214,7 +228,13 @@ def recalibrated_manifest(manifest: Manifest, good: GoodScores, target_fpr: floa
         cascade = refit(cascade, good.member_scores, image, manifest.postprocess.rule.fusion)
     elif cascade is not None:  # no calibration scores in the bundle: the windows move with the threshold
         cascade = cascade.shifted(image - manifest.thresholds.image)
-    return replace(manifest, thresholds=thresholds, cascade=cascade)
+    coarse = manifest.coarse
+    if coarse is not None and coarse.gate.scores is not None and good.coarse_maxima is not None:
+        calibrations = manifest.calibration.members  # the fine members', in member order
+        gate = refit_gate(coarse.gate, good.coarse_maxima, good.tile_scores, image, manifest.tiling.tile_grid(),
+                          manifest.postprocess.rule, calibrations)  # fmt: skip
+        coarse = replace(coarse, gate=gate)
+    return replace(manifest, thresholds=thresholds, cascade=cascade, coarse=coarse)
 
 
 def write_recalibrated(bundle: Path, manifest: Manifest, out: Path, sign_key: Path | None) -> None:

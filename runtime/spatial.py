@@ -37,6 +37,33 @@ FineOutputs = Callable[[int, int, list[int]], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
+class GateScores:
+    """What a gate is calibrated on, kept in the bundle so that `tilecore calibrate` can refit it (refit_gate):
+    per calibration image, the coarse maxima c, whether it is normal, and each fine member's raw tile scores."""
+
+    maxima: tuple[tuple[float, ...], ...]  # [N][T]
+    normal: tuple[bool, ...]  # [N]
+    tile_scores: tuple[tuple[tuple[float, ...], ...], ...]  # [M][N][T]
+
+    @classmethod
+    def of(cls, maxima: np.ndarray, normal: np.ndarray, tile_scores: list[np.ndarray]) -> GateScores:
+        return cls(
+            tuple(map(tuple, np.asarray(maxima, dtype=np.float64).tolist())),
+            tuple(bool(v) for v in normal),
+            tuple(tuple(map(tuple, np.asarray(t, dtype=np.float64).tolist())) for t in tile_scores),
+        )
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(maxima [N, T], normal [N], tile scores [M] x [N, T]) as arrays."""
+        return (np.asarray(self.maxima, dtype=np.float32), np.asarray(self.normal, dtype=bool),
+                [np.asarray(t, dtype=np.float32) for t in self.tile_scores])  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"maxima": [list(r) for r in self.maxima], "normal": list(self.normal),
+                "tile_scores": [[list(r) for r in m] for m in self.tile_scores]}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class TileGate:
     """The coarse stage's rule (a fine tile runs when c >= tile_threshold) and what it did at calibration."""
 
@@ -45,7 +72,8 @@ class TileGate:
     margin: float  # the threshold was lowered by margin x std of c over the normal calibration images
     agreement: float  # share of calibration images whose label equals the full ensemble's
     tile_share: float  # share of the calibration images' (image, location) pairs that ran the fine members
-    calibration_images: int  # normal validation images + synthetic defects
+    calibration_images: int  # normal validation images + synthetic defects (+ a line's good images)
+    scores: GateScores | None = None  # export's calibration images, for refit_gate; None: not recorded
 
     def to_dict(self) -> dict:
         threshold = self.tile_threshold if math.isfinite(self.tile_threshold) else None  # JSON has no -inf
@@ -56,6 +84,7 @@ class TileGate:
             "agreement": self.agreement,
             "tile_share": self.tile_share,
             "calibration_images": self.calibration_images,
+            "gate_scores": None if self.scores is None else self.scores.to_dict(),
         }
 
 
@@ -210,3 +239,46 @@ def calibrate_gate(
         agreement = float(np.mean(labels_at(threshold) == full_labels))
     share = float(np.mean(tile_selection(maxima, threshold))) if maxima.size else 1.0
     return TileGate(threshold, target_agreement, margin, agreement, share, len(full_labels))
+
+
+def fit_gate(
+    maxima: np.ndarray,
+    normal: np.ndarray,
+    tile_scores: list[np.ndarray],
+    threshold: float,
+    grid: TileGrid,
+    rule: MergeRule,
+    calibrations: list[MemberCalibration],
+    target_agreement: float = DEFAULT_AGREEMENT,
+    margin: float = DEFAULT_MARGIN,
+) -> TileGate:
+    """calibrate_gate for images with coarse maxima c [N, T], normal flags [N] and each fine member's raw
+    tile scores [N, T], against the full ensemble's labels at the image `threshold`."""
+
+    def labels_at(tile_threshold: float) -> np.ndarray:
+        return spatial_scores(tile_scores, maxima, tile_threshold, grid, rule, calibrations) >= threshold
+
+    full = labels_at(-math.inf)  # every tile runs: the full ensemble's labels
+    return calibrate_gate(maxima, normal, full, labels_at, target_agreement, margin)
+
+
+def refit_gate(
+    gate: TileGate,
+    maxima: np.ndarray,
+    tile_scores: np.ndarray,
+    threshold: float,
+    grid: TileGrid,
+    rule: MergeRule,
+    calibrations: list[MemberCalibration],
+) -> TileGate:
+    """The gate calibrated again at image `threshold` (tilecore calibrate) on export's calibration images
+    (gate.scores) plus good images with coarse maxima [K, T] and raw fine tile scores [M, K, T]."""
+    if gate.scores is None:
+        raise TilecoreError("coarse stage: the bundle records no calibration scores to refit its gate on")
+    old_maxima, old_normal, old_tiles = gate.scores.arrays()
+    both = np.concatenate([old_maxima, np.asarray(maxima, dtype=np.float32)])  # [N + K, T]
+    normal = np.concatenate([old_normal, np.ones(len(maxima), dtype=bool)])  # good images are normal
+    tiles = [np.concatenate([old, np.asarray(new, dtype=np.float32)]) for old, new in zip(old_tiles, tile_scores,
+                                                                                          strict=True)]  # fmt: skip
+    fitted = fit_gate(both, normal, tiles, threshold, grid, rule, calibrations, gate.target_agreement, gate.margin)
+    return replace(fitted, scores=gate.scores)

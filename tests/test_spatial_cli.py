@@ -241,6 +241,19 @@ def test_the_manifest_refuses_a_coarse_record_that_does_not_fit(spatial: dict[st
     refused(lambda r: r["coarse"]["calibration"]["per_location"].append(r["coarse"]["calibration"]["image"]),
             r"coarse\.calibration\.per_location: expected 1 entry")  # fmt: skip
 
+    gate_scores = r"coarse\.gate_scores"
+    refused(lambda r: r["coarse"]["gate_scores"]["normal"].pop(), gate_scores + r"\.normal: expected 12 booleans")
+    refused(lambda r: r["coarse"]["gate_scores"]["maxima"][0].append(0.0), gate_scores + r"\.maxima: expected lists")
+    refused(lambda r: r["coarse"]["gate_scores"]["tile_scores"][0].pop(), gate_scores + r"\.tile_scores: expected per")
+    refused(lambda r: r["coarse"]["gate_scores"]["maxima"][0].__setitem__(0, "x"), gate_scores + r"\.maxima: expected")
+
+    def narrow(r: dict) -> None:  # one tile location fewer than the bundle's grid, everywhere
+        g = r["coarse"]["gate_scores"]
+        g["maxima"] = [row[:-1] for row in g["maxima"]]
+        g["tile_scores"] = [[row[:-1] for row in m] for m in g["tile_scores"]]
+
+    refused(narrow, gate_scores + r": expected 1 member\(s\) x 4 tile locations")
+
     def tiled(r: dict) -> None:
         r["coarse"]["tiling"].update(tile=[32, 32], stride=[32, 32], grid=[2, 2])
 
@@ -254,3 +267,35 @@ def test_the_manifest_refuses_a_coarse_record_that_does_not_fit(spatial: dict[st
         r["calibration"]["members"][0]["per_location"] = r["calibration"]["members"][0]["per_location"][:1]
 
     refused(untiled, r"coarse: a coarse stage gates the tiles of a tiled bundle")
+
+
+def test_calibrate_refits_the_gate_at_the_new_threshold_on_exports_and_the_good_images(
+    spatial: dict[str, Path],
+) -> None:
+    from tilecore.export.coarse import zmaps_of
+    from tilecore.runtime.manifest import read_manifest
+    from tilecore.runtime.recalibrate import recalibrate
+    from tilecore.runtime.spatial import coarse_tile_maxima, fit_gate
+
+    good = spatial["root"] / "data" / "gravel" / "test" / "good"
+    out = spatial["root"] / "recalibrated"
+    recalibrate(spatial["bundle"], str(good / "*.png"), out, target_fpr=0.34, device="cpu")
+    before, after = read_manifest(spatial["bundle"]), read_manifest(out)
+    old, new = before.coarse.gate, after.coarse.gate
+    assert new.scores == old.scores and new.calibration_images == old.calibration_images + 3
+    # the reference: the gate fit on export's images plus the good images scored by the PyTorch models
+    from tilecore.runtime.image_io import read_rgb
+
+    images = [read_rgb(p) for p in sorted(good.glob("*.png"))]
+    fine, coarse = models(spatial)
+    maxima, normal, tiles = old.scores.arrays()
+    good_maxima = coarse_tile_maxima(zmaps_of(coarse, images), fine.grid)  # [K, T]
+    good_tiles = fine.raw_outputs(images)[0].scores  # [K, T]
+    expected = fit_gate(np.concatenate([maxima, good_maxima]), np.concatenate([normal, [True] * 3]),
+                        [np.concatenate([tiles[0], good_tiles])], after.thresholds.image, fine.grid,
+                        before.postprocess.rule, fine.calibrations, old.target_agreement, old.margin)  # fmt: skip
+    if math.isfinite(expected.tile_threshold):
+        assert new.tile_threshold == pytest.approx(expected.tile_threshold, abs=1e-3)
+    else:
+        assert new.tile_threshold == expected.tile_threshold
+    assert new.agreement == expected.agreement and new.tile_share == expected.tile_share

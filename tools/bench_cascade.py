@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,8 @@ def config_name(members: tuple[str, ...]) -> str:
 def combos_from(args: argparse.Namespace) -> list[tuple[str, ...]]:
     """The configurations to run: singles, PRIORITY, other pairs, other triples (partial results stay useful)."""
     if args.combos:
-        chosen = [tuple(c.split("+")) for c in args.combos]
+        full_name = {short: name for name, short in SHORT.items()}  # short names (mnv2+lite0) or backbones
+        chosen = [tuple(full_name.get(m, m) for m in c.split("+")) for c in args.combos]
         for combo in chosen:
             unknown = [m for m in combo if m not in SHORT]
             if unknown or len(set(combo)) != len(combo):
@@ -90,6 +92,43 @@ def run_config_raw(data: Path, size: int, members: tuple[str, ...], categories: 
         "data": {"root": str(data.resolve()), "image_size": size, "categories": categories},
         "members": [{"backbone": b, "layers": LAYERS, "coreset_ratio": coreset} for b in members],
     }
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`SECTION.KEY=VALUE` -> (section, key, value); VALUE is read as a TOML value, else kept as a string."""
+    target, sep, value_text = text.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not sep or not dot or not section or not key or "." in key:
+        raise SystemExit(f"--set {text}: expected SECTION.KEY=VALUE, e.g. fusion.threshold=quantile")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return section, key, value
+
+
+def apply_overrides(raw: dict, overrides: list[tuple[str, str, object]]) -> dict:
+    """`raw` with each override set; a `members.KEY` override sets KEY on every member."""
+    raw = json.loads(json.dumps(raw))
+    for section, key, value in overrides:
+        if section == "members":
+            for member in raw["members"]:
+                member[key] = value
+        else:
+            raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def check_overrides(overrides: list[tuple[str, str, object]]) -> None:
+    """Refuse, in one line, overrides the run config would refuse (unknown key, wrong type, out of range)."""
+    from tilecore.runtime.errors import TilecoreError
+    from tilecore.train.config import config_from_dict
+
+    raw = run_config_raw(Path("data"), 256, (BACKBONES[0],), list(CATEGORIES), 0.1)
+    try:
+        config_from_dict(apply_overrides(raw, overrides), "--set")
+    except TilecoreError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -142,6 +181,21 @@ def seed_from_singles(config, run_dir: Path, singles: list[Path]) -> list[str]:
             copied.append(f"{category}/m{i}")
     update_metadata(run_dir, weights_sources=sources, random_init=False, banks_from_singles=[str(s) for s in singles])
     return copied
+
+
+def copy_run(source: Path, run_dir: Path) -> None:
+    """Start `run_dir` as a copy of another bench's run of the same configuration (weights, banks, config), so
+    that training only recalibrates when the configs differ in post-processing keys alone; train refuses a
+    change to a bank-defining key (train.run_dir.prepare_run_dir). A run folder already there stays."""
+    if (run_dir / "config.json").is_file():
+        return
+    if not (source / "config.json").is_file():
+        raise RuntimeError(f"--banks-from: {source} holds no run to copy")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    skip = shutil.ignore_patterns("stream.json", "bench_train.json", ".*.tmp")
+    shutil.copytree(source, run_dir.with_name(f".{run_dir.name}.tmp"), ignore=skip)
+    run_dir.with_name(f".{run_dir.name}.tmp").replace(run_dir)
+    log(f"{run_dir}: weights and banks copied from {source}")
 
 
 def train_worker(config_path: str, run_dir: str, singles: list[str]) -> dict:
@@ -227,6 +281,7 @@ def stream_worker(run_dir: str, category: str, bundle: str, normals: str, option
     threshold = predictors["full"].thresholds.image
     full_scores = [r.score for r in results["full"]]
     full_labels = np.array([r.label for r in results["full"]])
+    truth = np.array(labels, dtype=bool)
     # the runtime's full scores vs the PyTorch evaluation's on the test images of the stream (parity)
     eval_scores = {r["image"]: r["score"] for r in json.loads((run / category / "test_scores.json").read_text())}
     parity = max(abs(s - eval_scores[p]) for p, s in zip(paths, full_scores, strict=True) if p in eval_scores)
@@ -242,19 +297,24 @@ def stream_worker(run_dir: str, category: str, bundle: str, normals: str, option
             "rates": rates["full"],
             "gflops_per_image": None,  # filled by the driver from member_gflops for singles
             "anomalous_share": float(full_labels.mean()),
+            "normal_flag_rate": float(full_labels[~truth].mean()),  # the threshold's FPR on the stream's normals
+            "defect_flag_rate": float(full_labels[truth].mean()),
         },
         "round_score_drift": drift,
         "runtime_vs_eval_max_abs_diff": parity,
     }
     if cascade is not None:
         staged = results["cascade"]
+        staged_labels = np.array([r.label for r in staged])
         exits = np.array([r.exit_stage for r in staged])  # 1-based
         ran = [int(np.sum(exits >= s + 1)) for s in range(len(cascade.stages))]  # images that ran each stage
         spent = sum(stage.gflops * n for stage, n in zip(cascade.stages, ran, strict=True)) / len(images)
         report["full"]["gflops_per_image"] = sum(stage.gflops for stage in cascade.stages)
         report["cascade"] = {
             "image_auroc": image_auroc(labels, [r.score for r in staged]),
-            "label_agreement": float(np.mean(np.array([r.label for r in staged]) == full_labels)),
+            "label_agreement": float(np.mean(staged_labels == full_labels)),
+            "normal_flag_rate": float(staged_labels[~truth].mean()),
+            "defect_flag_rate": float(staged_labels[truth].mean()),
             "exit_shares": [float(np.mean(exits == s + 1)) for s in range(len(cascade.stages))],
             "images_per_stage": ran,
             "gflops_per_image": spent,
@@ -277,7 +337,7 @@ def bench_config(
     """Train, evaluate and stream-score one configuration (each step resumed from its files)."""
     name = config_name(members)
     run_dir = out / "runs" / str(size) / name
-    raw = run_config_raw(data, size, members, args.categories, args.coreset)
+    raw = apply_overrides(run_config_raw(data, size, members, args.categories, args.coreset), args.overrides)
     started = time.perf_counter()
     train_file = run_dir / "bench_train.json"
     if (run_dir / "metrics.json").is_file() and train_file.is_file():
@@ -289,7 +349,9 @@ def bench_config(
         config_path = config_dir / f"{name}.toml"
         config_path.write_text(to_toml(raw))
         singles = []
-        if len(members) > 1 and args.reuse_banks:
+        if args.banks_from is not None:
+            copy_run(args.banks_from / "runs" / str(size) / name, run_dir)
+        elif len(members) > 1 and args.reuse_banks:
             singles = [str(out / "runs" / str(size) / config_name((m,))) for m in members]
         log(f"{size} {name}: train + eval" + (" (banks from the single-model runs)" if singles else ""))
         command = [sys.executable, __file__, "--train-worker", str(config_path), str(run_dir), *singles]
@@ -456,6 +518,14 @@ def write_outputs(report: dict, out: Path) -> None:
         f"({', '.join(report['categories'])}). GFLOPs are backbone GFLOPs per image (train.cascade_fit."
         "member_gflops); a cascade's are those spent (each image pays every stage it reaches).\n",
     ]
+    if report.get("overrides"):
+        parts.append(
+            "Config overrides (--set) on every run: "
+            + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in report["overrides"].items())
+            + ".\n"
+        )
+    if report.get("banks_from"):
+        parts.append(f"Weights and banks copied from `{report['banks_from']}` (same data split): recalibrated only.\n")
     if report.get("reuse_banks"):
         parts.append(
             "Ensembles reuse their members' single-model banks and weights (coreset start seed 0 for every member; "
@@ -554,6 +624,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="stream subsampling and order")
     parser.add_argument("--no-reuse-banks", dest="reuse_banks", action="store_false")
     parser.add_argument("--keep-bundles", action="store_true")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="run config override, repeatable (VALUE as TOML, e.g. fusion.threshold=quantile, fusion.quantile=0.99; "
+        "members.KEY sets every member); recorded in bench.json",
+    )
+    parser.add_argument(
+        "--banks-from",
+        type=Path,
+        help="another bench --out whose runs (same size and members) supply weights and banks: only calibration, "
+        "eval and streams run; refused by train when a --set changes a bank-defining key such as data.val_fraction",
+    )
     parser.add_argument("--train-worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--stream-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -568,9 +653,20 @@ def main() -> None:
     if args.stream_defects is not None and args.stream_defects < 1:
         raise SystemExit("--stream-defects: expected at least 1")
     combos = combos_from(args)
+    overrides_text = args.overrides
+    args.overrides = [parse_override(t) for t in overrides_text]
+    check_overrides(args.overrides)
+    overrides = {f"{section}.{key}": value for section, key, value in args.overrides}
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+    if previous and previous.get("overrides", {}) != overrides:
+        raise SystemExit(
+            f"--out {out}: holds results with overrides {previous.get('overrides', {})}, not {overrides}; "
+            "choose another --out"
+        )
+    if args.banks_from is not None and args.banks_from.resolve() == out.resolve():
+        raise SystemExit("--banks-from: expected another bench --out than --out")
+    out.mkdir(parents=True, exist_ok=True)
     test_counts = {"n_train": 60, "n_test_good": 15, "n_test_defect": 30}
     defects = test_counts["n_test_defect"] if args.stream_defects is None else args.stream_defects
     defects = min(defects, test_counts["n_test_defect"])
@@ -582,7 +678,9 @@ def main() -> None:
         "categories": args.categories,
         "coreset_ratio": args.coreset,
         "layers": LAYERS,
-        "reuse_banks": args.reuse_banks,
+        "reuse_banks": args.reuse_banks and args.banks_from is None,
+        "overrides": overrides,  # --set: on every run config, after the tool's own keys
+        "banks_from": None if args.banks_from is None else str(args.banks_from),
         "stream": {
             "description": f"{defects} test defects + {test_counts['n_test_good']} test good + {held_out} held-out "
             f"normals (seed 1), {NORMAL_SHARE:.0%} normal",

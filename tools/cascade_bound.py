@@ -236,10 +236,11 @@ def judge(cascade, scores: dict, labels: dict, threshold: float, rule: str, gflo
 
 
 def describe(config, run: Path, category: str, scores: dict, labels: dict, gflops, order, args) -> dict:
-    """At the run's own threshold and at each line-calibrated one: the cascade `tilecore calibrate` ships
-    (export's windows moved with the threshold), windows refit at that threshold on the same calibration
-    images, and the stream oracle."""
-    from tilecore.runtime.cascade import calibrate_cascade, partial_scores
+    """At the run's own threshold and at each line-calibrated one: export's windows moved with the threshold
+    (what format-4 bundles got), windows refit at that threshold on export's calibration images, on those
+    plus the line's good images (what `tilecore calibrate` now ships), the same with the order searched
+    (cascade.search_order), and the stream oracle."""
+    from tilecore.runtime.cascade import calibrate_cascade, partial_scores, search_order
     from tilecore.runtime.recalibrate import fpr_threshold
 
     calibration = json.loads((run / category / "calibration.json").read_text())
@@ -256,6 +257,7 @@ def describe(config, run: Path, category: str, scores: dict, labels: dict, gflop
     stream_full = partial_scores(scores["stream"], order, rule)
     entry = {"stream_images": int(scores["stream"].shape[1]), "calibration_images": int(calibration_scores.shape[1]),
              "operating_points": {}}  # fmt: skip
+    with_line = np.concatenate([calibration_scores, scores["line"]], axis=1)  # what tilecore calibrate refits on
     for point, t in points.items():
         refit = calibrate_cascade(calibration_scores, t, rule, stages, gflops, c.agreement, c.margin)
         best = oracle(scores["stream"], t, rule, gflops, order, args.agreement)
@@ -267,6 +269,15 @@ def describe(config, run: Path, category: str, scores: dict, labels: dict, gflop
             "refit": judge(refit, scores, labels, t, rule, gflops, order),
             "oracle_gflops_ratio": float(sum(gflops)) / best["gflops_per_image"],
         }
+        if point != "run threshold":  # tilecore calibrate: windows refit on export's images + the line's
+            line_refit = calibrate_cascade(with_line, t, rule, stages, gflops, c.agreement, c.margin)
+            searched = search_order(with_line, t, rule, gflops, c.agreement, c.margin)
+            entry["operating_points"][point]["refit_with_line"] = judge(line_refit, scores, labels, t, rule, gflops,
+                                                                        order)  # fmt: skip
+            entry["operating_points"][point]["search_with_line"] = {
+                "order": list(searched.order),
+                **judge(searched, scores, labels, t, rule, gflops, order),
+            }
     return entry
 
 

@@ -3,6 +3,7 @@ tile is replaced with, the threshold search, and the last resort (every tile) eq
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,10 +14,13 @@ from tilecore.runtime.cascade import Cascade, CascadeStage, run_cascade
 from tilecore.runtime.errors import TilecoreError
 from tilecore.runtime.merge import MemberCalibration, MergeRule, TileOutputs, ensemble_result
 from tilecore.runtime.spatial import (
+    GateScores,
     TileGate,
     calibrate_gate,
     coarse_tile_maxima,
     coarse_zmaps,
+    fit_gate,
+    refit_gate,
     run_spatial,
     spatial_member_outputs,
     spatial_scores,
@@ -201,3 +205,26 @@ def test_a_margin_that_lands_on_a_threshold_missing_the_target_goes_lower_until_
     assert gate.tile_threshold == 5.0 and gate.agreement == 1.0  # std of the normals' maxima is 1
     narrow = calibrate_gate(maxima, normal, full, labels_at, target_agreement=1.0, margin=2.0)  # 6 - 2 lands at 4
     assert narrow.tile_threshold == 2.0 and narrow.agreement == 1.0  # 4 flips image 0: the next candidate down
+
+
+def test_refit_gate_sets_the_gate_again_on_exports_images_and_the_good_ones_at_the_new_threshold() -> None:
+    rng = np.random.default_rng(5)
+    calibrations = [stats(1)]
+    maxima = rng.normal(0, 1, (12, GRID.count)).astype(np.float32)  # export's images: [N, T]
+    normal = np.array([True] * 4 + [False] * 8)
+    tiles = [rng.normal(1.5, 0.4, (12, GRID.count)).astype(np.float32)]  # [M] x [N, T] raw tile scores
+    tiles[0][~normal] += 1.0  # defects score higher
+    gate = fit_gate(maxima, normal, tiles, 2.0, GRID, MergeRule(), calibrations, 0.9, 0.0)
+    gate = dataclasses.replace(gate, scores=GateScores.of(maxima, normal, tiles))
+    good_maxima = rng.normal(-0.5, 0.5, (20, GRID.count)).astype(np.float32)  # [K, T]
+    good_tiles = rng.normal(1.5, 0.3, (1, 20, GRID.count)).astype(np.float32)  # [M, K, T]
+    fitted = refit_gate(gate, good_maxima, good_tiles, 2.5, GRID, MergeRule(), calibrations)
+    expected = fit_gate(np.concatenate([maxima, good_maxima]), np.concatenate([normal, np.ones(20, bool)]),
+                        [np.concatenate([tiles[0], good_tiles[0]])], 2.5, GRID, MergeRule(), calibrations, 0.9,
+                        0.0)  # fmt: skip
+    assert fitted.tile_threshold == pytest.approx(expected.tile_threshold)
+    assert fitted.agreement == expected.agreement and fitted.calibration_images == 32
+    assert fitted.scores == gate.scores  # export's images only: the next calibrate starts from them again
+    with pytest.raises(TilecoreError, match="records no calibration scores to refit its gate on"):
+        refit_gate(dataclasses.replace(gate, scores=None), good_maxima, good_tiles, 2.5, GRID, MergeRule(),
+                   calibrations)  # fmt: skip
