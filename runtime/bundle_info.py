@@ -73,11 +73,20 @@ def bundle_info(bundle: str | Path, trust: str | Path | None = None) -> dict[str
             "recalibrated": t.recalibrated is not None,
         },
         "precisions": precisions(manifest),
-        "cascade": None if manifest.cascade is None else manifest.cascade.to_dict(),
-        "coarse": None if manifest.coarse is None else manifest.coarse.to_dict(),
+        "cascade": None if manifest.cascade is None else without_scores(manifest.cascade, "calibration_scores"),
+        "coarse": None if manifest.coarse is None else without_scores(manifest.coarse, "gate_scores"),
         "files": {"count": len(names), "bytes": sum((bundle / name).stat().st_size for name in names)},
         "signed": signature,
     }
+
+
+def without_scores(record: Any, key: str) -> dict[str, Any]:
+    """A cascade or coarse record's dict with its calibration scores (what tilecore calibrate refits on)
+    replaced by whether it has them: info shows what a bundle does, not hundreds of numbers."""
+    record = record.to_dict()
+    kept = {k: v for k, v in record.items() if k != key}
+    kept["refittable"] = bool(record.get(key))
+    return kept
 
 
 def _size(count: int) -> str:
@@ -129,9 +138,12 @@ def info_lines(info: dict[str, Any]) -> list[str]:
                 f"cascade {i + 1}  members {stage['members']}, {stage['gflops']:.3g} GFLOPs, {window}; "
                 f"{stage['exit_share']:.1%} of calibration images end here"
             )
+        order = {"cheapest": "cheapest first", "given": "as configured", "search": "searched"}[c["order_rule"]]
+        refit = "refit by tilecore calibrate" if c["refittable"] else "moved by tilecore calibrate"
         lines.append(
             f"           agreement with the full ensemble {c['agreement']:.4f} on {c['calibration_images']} "
-            f"calibration images (target {c['target_agreement']}); `tilecore run --cascade off` runs all"
+            f"calibration images (target {c['target_agreement']}); order {order}; windows {refit}; "
+            "`tilecore run --cascade off` runs all"
         )
     if info.get("coarse") is not None:
         c = info["coarse"]

@@ -114,9 +114,12 @@ def test_a_bad_cascade_option_is_refused_in_one_line(ensemble: dict[str, Path]) 
 def test_info_shows_the_stages(ensemble: dict[str, Path]) -> None:
     from tilecore.runtime.bundle_info import bundle_info, info_lines
 
-    lines = info_lines(bundle_info(ensemble["bundle"]))
+    info = bundle_info(ensemble["bundle"])
+    lines = info_lines(info)
     assert sum(line.startswith("cascade ") for line in lines) == 3
     assert any("--cascade off" in line for line in lines)
+    assert any("order cheapest first; windows refit by tilecore calibrate" in line for line in lines)
+    assert info["cascade"]["refittable"] is True and "calibration_scores" not in info["cascade"]
 
 
 def pytorch_member_scores(run: Path, paths: list[str]) -> np.ndarray:

@@ -53,6 +53,7 @@ CATEGORIES = ("brick", "grass", "gravel")
 BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ["blocks.2", "blocks.4"]
 FINE, COARSE = "ENS9", "SM256"  # tiling presets
+LINE_IMAGES = 100  # good images per category for --line-fpr (tilecore calibrate needs 1 / target_fpr of them)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -131,6 +132,19 @@ def train(args: argparse.Namespace, data: Path, preset: str) -> tuple[Path, dict
     write_json(done, figures)
     log(f"{preset}: fit {figures['fit_seconds']:.0f} s, eval {figures['eval_seconds']:.0f} s")
     return run_dir, figures
+
+
+def line_calibrated(bundle: Path, line: Path, category: str, target_fpr: float) -> Path:
+    """`tilecore calibrate` of `bundle` on the line's good images (synth seed 2, apart from the stream's
+    seed-1 normals): the threshold flagging at most `target_fpr` of them, the gate refit there."""
+    out = bundle.with_name(f"{bundle.name}-line")
+    shutil.rmtree(out, ignore_errors=True)
+    good = str(line / category / "test" / "good" / "*.png")
+    command = [*tilecore_cli(), "calibrate", str(bundle), good, "--target-fpr", str(target_fpr), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"calibrate {bundle} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return out
 
 
 def export(run_dir: Path, category: str, bundle: Path, coarse: Path | None) -> dict:
@@ -348,8 +362,7 @@ def tables(report: dict) -> str:
     s = report["stream"]
     head = [
         f"# Spatial cascade ({FINE} gated by {COARSE}) vs {FINE}, synth {report['size']} px\n",
-        f"Command: `{report['command']}`  \nCPU: {report['cpu']} ({report['cpu_count']} cores, shared with "
-        "another benchmark while this ran)  \n"
+        f"Command: `{report['command']}`  \nCPU: {report['cpu']} ({report['cpu_count']} cores)  \n"
         f"Runs: {BACKBONE} {LAYERS}, coreset {report['coreset_ratio']}, seed 0, same data and split; "
         f"{FINE} {report['runs'][FINE]['fit_seconds']:.0f} s fit, {COARSE} "
         f"{report['runs'][COARSE]['fit_seconds']:.0f} s fit.  \n"
@@ -359,6 +372,13 @@ def tables(report: dict) -> str:
         f"for {FINE}). Gate: what the export recorded (manifest `coarse.gate`, calibrated on validation images "
         "and synthetic defects).\n",
     ]
+    if report.get("line_fpr") is not None:
+        head.append(
+            f"Operating point: both bundles went through `tilecore calibrate --target-fpr {report['line_fpr']:g}` on "
+            f"{report['line_images']} good images per category (synth seed 2, apart from the stream's seed-1 normals): "
+            "the threshold flags at most that share of them, and the gate was refit at that threshold on export's "
+            "calibration images plus those good images.\n"
+        )
     rows = table_rows(report)
     acc = [
         "## Accuracy (test split)\n",
@@ -427,6 +447,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="runtime threads (0: library default)")
     parser.add_argument("--seed", type=int, default=0, help="stream subsampling and order")
     parser.add_argument("--keep-bundles", action="store_true")
+    parser.add_argument(
+        "--line-fpr",
+        type=float,
+        help="operating point: both bundles go through `tilecore calibrate --target-fpr F` on --line's good images "
+        "before scoring (threshold set there, the coarse gate refit there)",
+    )
+    parser.add_argument("--line", type=Path, help="good images for --line-fpr, seed 2 (default data/synth{size}_line)")
     parser.add_argument("--train-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--score-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -449,6 +476,9 @@ def main() -> None:
     held_out = stream_normals_needed(defects, args.test_good)
     ensure_dataset(data, args.size, 0, test_counts)
     ensure_dataset(normals, args.size, 1, {"n_train": 0, "n_test_good": held_out, "n_test_defect": 0})
+    line = args.line or Path(f"data/synth{args.size}_line")
+    if args.line_fpr is not None:
+        ensure_dataset(line, args.size, 2, {"n_train": 0, "n_test_good": LINE_IMAGES, "n_test_defect": 0})
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "cpu": cpu_model(),
@@ -458,6 +488,8 @@ def main() -> None:
         "normals": str(normals),
         "test_counts": test_counts,
         "coreset_ratio": args.coreset,
+        "line_fpr": args.line_fpr,  # None: the run's own threshold; else tilecore calibrate on LINE_IMAGES images
+        "line_images": LINE_IMAGES if args.line_fpr is not None else 0,
         "backbone": BACKBONE,
         "layers": LAYERS,
         "stream": {
@@ -505,6 +537,8 @@ def main() -> None:
             exports = {"plain": export(runs[FINE], category, plain, None)}
             exports["spatial"] = export(runs[FINE], category, spatial, runs[COARSE])
             log(f"{category}: {' '.join(exports['spatial']['log'][-1:])}")
+            if args.line_fpr is not None:  # both at the line's operating point; the gate is refit there
+                plain, spatial = (line_calibrated(b, line, category, args.line_fpr) for b in (plain, spatial))
             started = time.perf_counter()
             command = [sys.executable, __file__, "--score-worker", str(runs[FINE]), category, str(plain), str(spatial)]
             entry = run_worker([*command, str(normals), json.dumps(options)], f"{category} scoring")
