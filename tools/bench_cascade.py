@@ -40,6 +40,7 @@ from bench_common import (  # noqa: E402 (tools/ is the script's path)
     NORMAL_SHARE,
     cpu_model,
     fmt,
+    line_calibrated,
     log,
     mean_of,
     run_worker,
@@ -63,6 +64,7 @@ PRIORITY = (
     ("mobilenetv2_100", "tf_efficientnet_lite0", "tf_efficientnet_lite1"),
 )
 CATEGORIES = ("brick", "grass", "gravel")
+LINE_IMAGES = 100  # good images per category for --line-fpr (tilecore calibrate needs 1 / target_fpr of them)
 
 
 # --- configurations -----------------------------------------------------------------------------------
@@ -278,6 +280,11 @@ def stream_worker(run_dir: str, category: str, bundle: str, normals: str, option
                 drift = max(drift, max(abs(a.score - b.score) for a, b in zip(out, results[mode], strict=True)))
             else:
                 results[mode] = out
+    test_rows = json.loads((run / category / "test_scores.json").read_text())
+    test_images = [read_rgb(r["image"]) for r in test_rows]
+    test_labels = np.array([r["label"] for r in test_rows], dtype=bool)
+    on_test = {mode: [r for i in range(0, len(test_images), batch) for r in p.predict_batch(test_images[i : i + batch])]
+               for mode, p in predictors.items()}  # fmt: skip
     threshold = predictors["full"].thresholds.image
     full_scores = [r.score for r in results["full"]]
     full_labels = np.array([r.label for r in results["full"]])
@@ -302,6 +309,12 @@ def stream_worker(run_dir: str, category: str, bundle: str, normals: str, option
         },
         "round_score_drift": drift,
         "runtime_vs_eval_max_abs_diff": parity,
+        "test_at_threshold": {  # the whole test split, scored by the runtime at this bundle's threshold
+            "images": len(test_rows),
+            "full_image_auroc": image_auroc(test_labels.astype(int).tolist(), [r.score for r in on_test["full"]]),
+            "full_normal_flag_rate": float(np.mean([r.label for r, t in zip(on_test["full"], test_labels,
+                                                                               strict=True) if not t])),  # fmt: skip
+        },
     }
     if cascade is not None:
         staged = results["cascade"]
@@ -324,6 +337,17 @@ def stream_worker(run_dir: str, category: str, bundle: str, normals: str, option
             "order": list(cascade.order),
             "windows": [None if s.window is None else list(s.window) for s in cascade.stages],
             "calibration_exit_shares": [s.exit_share for s in cascade.stages],
+            "calibration_images": cascade.calibration_images,
+        }
+        test_exits = np.array([r.exit_stage for r in on_test["cascade"]])
+        test_ran = [int(np.sum(test_exits >= s + 1)) for s in range(len(cascade.stages))]
+        report["test_at_threshold"]["cascade"] = {
+            "image_auroc": image_auroc(test_labels.astype(int).tolist(), [r.score for r in on_test["cascade"]]),
+            "label_agreement": float(np.mean([a.label == b.label for a, b in zip(on_test["cascade"], on_test["full"],
+                                                                                  strict=True)])),  # fmt: skip
+            "exit_shares": [float(np.mean(test_exits == s + 1)) for s in range(len(cascade.stages))],
+            "gflops_per_image": sum(st.gflops * n for st, n in zip(cascade.stages, test_ran, strict=True))
+            / len(test_rows),
         }
     return report
 
@@ -332,7 +356,13 @@ def stream_worker(run_dir: str, category: str, bundle: str, normals: str, option
 
 
 def bench_config(
-    args: argparse.Namespace, size: int, members: tuple[str, ...], data: Path, normals: Path, out: Path
+    args: argparse.Namespace,
+    size: int,
+    members: tuple[str, ...],
+    data: Path,
+    normals: Path,
+    out: Path,
+    line: Path | None = None,
 ) -> dict:
     """Train, evaluate and stream-score one configuration (each step resumed from its files)."""
     name = config_name(members)
@@ -391,6 +421,10 @@ def bench_config(
             if proc.returncode != 0:
                 raise RuntimeError(f"{size} {name} {category}: export failed:\n{proc.stderr[-3000:]}")
             export_seconds = time.perf_counter() - t0
+            if args.line_fpr is not None:
+                calibrated = line_calibrated(bundle, line, category, args.line_fpr)
+                shutil.rmtree(bundle, ignore_errors=True)
+                bundle = calibrated
             options = {
                 "defects": args.stream_defects,
                 "seed": args.seed,
@@ -453,6 +487,9 @@ def summary_rows(row: dict) -> list[dict]:
             "stream_images_per_second": mean_of([s["full"]["images_per_second"] for s in streams]),
             "speedup": None,
             "exit_shares": None,
+            "threshold_test_auroc": mean_of([s["test_at_threshold"]["full_image_auroc"] for s in streams
+                                             if "test_at_threshold" in s]),  # fmt: skip
+            "threshold_test_agreement": None,
         }
     ]
     if any("test_cascade" in c for c in cats):
@@ -474,6 +511,10 @@ def summary_rows(row: dict) -> list[dict]:
                 "stream_images_per_second": mean_of([c["images_per_second"] for c in sc]),
                 "speedup": mean_of([c["speedup"] for c in sc]),
                 "exit_shares": [mean_of([c["exit_shares"][s] for c in sc]) for s in range(stages)] if sc else None,
+                "threshold_test_auroc": mean_of([s["test_at_threshold"]["cascade"]["image_auroc"] for s in streams
+                                                 if "cascade" in s.get("test_at_threshold", {})]),  # fmt: skip
+                "threshold_test_agreement": mean_of([s["test_at_threshold"]["cascade"]["label_agreement"]
+                                                     for s in streams if "cascade" in s.get("test_at_threshold", {})]),
             }
         )
     return out
@@ -492,9 +533,9 @@ def size_table(rows: list[dict]) -> str:
     head = (
         "| config | members | test image AUROC | test AUPRO | GFLOPs/image spent (test) | GFLOPs/image spent "
         "(stream) | exit shares (stream) | test agreement | stream agreement | stream image AUROC | "
-        "stream img/s | speed-up |"
+        "stream img/s | speed-up | test AUROC at the stream's threshold | test agreement there |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         exits = "–" if r["exit_shares"] is None else " / ".join(f"{e:.2f}" for e in r["exit_shares"])
         lines.append(
@@ -502,7 +543,8 @@ def size_table(rows: list[dict]) -> str:
             f"{fmt(r['test_aupro'], 4)} | {fmt(r['test_gflops_per_image'], 2)} | "
             f"{fmt(r['stream_gflops_per_image'], 2)} | {exits} | {fmt(r['test_agreement'], 4)} | "
             f"{fmt(r['stream_agreement'], 4)} | {fmt(r['stream_image_auroc'], 4)} | "
-            f"{fmt(r['stream_images_per_second'], 1)} | {fmt(r['speedup'], 2)} |"
+            f"{fmt(r['stream_images_per_second'], 1)} | {fmt(r['speedup'], 2)} | "
+            f"{fmt(r.get('threshold_test_auroc'), 4)} | {fmt(r.get('threshold_test_agreement'), 4)} |"
         )
     return "\n".join(lines)
 
@@ -523,6 +565,14 @@ def write_outputs(report: dict, out: Path) -> None:
             "Config overrides (--set) on every run: "
             + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in report["overrides"].items())
             + ".\n"
+        )
+    if report.get("line_fpr") is not None:
+        parts.append(
+            f"Operating point: every bundle went through `tilecore calibrate --target-fpr {report['line_fpr']:g}` on "
+            f"{report['line_images']} good images per category (synth seed 2, apart from the stream's seed-1 normals) "
+            "before its stream: the threshold flags at most that share of them, and the cascade's windows are refit "
+            "there on export's calibration images plus those good images. The test columns from `tilecore eval` are "
+            "at the run's own threshold; the last two are the runtime's on the test split at the stream's.\n"
         )
     if report.get("banks_from"):
         parts.append(f"Weights and banks copied from `{report['banks_from']}` (same data split): recalibrated only.\n")
@@ -639,6 +689,13 @@ def main() -> None:
         help="another bench --out whose runs (same size and members) supply weights and banks: only calibration, "
         "eval and streams run; refused by train when a --set changes a bank-defining key such as data.val_fraction",
     )
+    parser.add_argument(
+        "--line-fpr",
+        type=float,
+        help="operating point: each bundle goes through `tilecore calibrate --target-fpr F` on --line's good images "
+        "before its stream (threshold and cascade windows set there)",
+    )
+    parser.add_argument("--line", default="data/synth{size}_line", help="good images for --line-fpr, seed 2")
     parser.add_argument("--train-worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--stream-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -659,6 +716,8 @@ def main() -> None:
     overrides = {f"{section}.{key}": value for section, key, value in args.overrides}
     out = args.out
     previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+    if previous and previous.get("line_fpr") != args.line_fpr:
+        raise SystemExit(f"--out {out}: holds results for --line-fpr {previous.get('line_fpr')}; choose another --out")
     if previous and previous.get("overrides", {}) != overrides:
         raise SystemExit(
             f"--out {out}: holds results with overrides {previous.get('overrides', {})}, not {overrides}; "
@@ -681,6 +740,8 @@ def main() -> None:
         "reuse_banks": args.reuse_banks and args.banks_from is None,
         "overrides": overrides,  # --set: on every run config, after the tool's own keys
         "banks_from": None if args.banks_from is None else str(args.banks_from),
+        "line_fpr": args.line_fpr,  # None: the run's own threshold; else tilecore calibrate on LINE_IMAGES good images
+        "line_images": LINE_IMAGES if args.line_fpr is not None else 0,
         "stream": {
             "description": f"{defects} test defects + {test_counts['n_test_good']} test good + {held_out} held-out "
             f"normals (seed 1), {NORMAL_SHARE:.0%} normal",
@@ -699,10 +760,14 @@ def main() -> None:
         normals = Path(args.normals.format(size=size))
         ensure_dataset(data, size, 0, test_counts)
         ensure_dataset(normals, size, 1, {"n_train": 0, "n_test_good": held_out, "n_test_defect": 0})
+        line = None
+        if args.line_fpr is not None:
+            line = Path(args.line.format(size=size))
+            ensure_dataset(line, size, 2, {"n_train": 0, "n_test_good": LINE_IMAGES, "n_test_defect": 0})
         for members in combos:
             name = config_name(members)
             try:
-                row = bench_config(args, size, members, data, normals, out)
+                row = bench_config(args, size, members, data, normals, out, line)
             except RuntimeError as exc:
                 log(f"{size} {name}: FAILED {str(exc).splitlines()[0]}")
                 report["failures"].append({"size": size, "config": name, "error": str(exc)[-3000:]})

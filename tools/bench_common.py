@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -64,3 +65,17 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def line_calibrated(bundle: Path, line: Path, category: str, target_fpr: float) -> Path:
+    """`tilecore calibrate` of `bundle` into BUNDLE-line on the line's good images (LINE/CATEGORY/test/good,
+    a synth set of another seed than the streams' held-out normals): the threshold flagging at most
+    `target_fpr` of them, the cascade windows and tile gate refit there."""
+    out = bundle.with_name(f"{bundle.name}-line")
+    shutil.rmtree(out, ignore_errors=True)
+    good = str(line / category / "test" / "good" / "*.png")
+    command = [*tilecore_cli(), "calibrate", str(bundle), good, "--target-fpr", str(target_fpr), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"calibrate {bundle} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return out

@@ -40,6 +40,7 @@ from bench_common import (  # noqa: E402 (tools/ is the script's path)
     NORMAL_SHARE,
     cpu_model,
     fmt,
+    line_calibrated,
     log,
     mean_of,
     run_worker,
@@ -132,19 +133,6 @@ def train(args: argparse.Namespace, data: Path, preset: str) -> tuple[Path, dict
     write_json(done, figures)
     log(f"{preset}: fit {figures['fit_seconds']:.0f} s, eval {figures['eval_seconds']:.0f} s")
     return run_dir, figures
-
-
-def line_calibrated(bundle: Path, line: Path, category: str, target_fpr: float) -> Path:
-    """`tilecore calibrate` of `bundle` on the line's good images (synth seed 2, apart from the stream's
-    seed-1 normals): the threshold flagging at most `target_fpr` of them, the gate refit there."""
-    out = bundle.with_name(f"{bundle.name}-line")
-    shutil.rmtree(out, ignore_errors=True)
-    good = str(line / category / "test" / "good" / "*.png")
-    command = [*tilecore_cli(), "calibrate", str(bundle), good, "--target-fpr", str(target_fpr), "--out", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"calibrate {bundle} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return out
 
 
 def export(run_dir: Path, category: str, bundle: Path, coarse: Path | None) -> dict:
