@@ -357,7 +357,7 @@ def tables(report: dict) -> str:
         f"Test split: {report['test_counts']}. Stream per category: {s['description']}; runtime Predictor, CPU, "
         f"batch {s['batch']}, {FINE} (cascade off) / cascade alternated, {s['rounds']} rounds each, median "
         "images/s. Tiles run: share of the (image, fine tile location) pairs the fine member ran (9 per image "
-        f"for {FINE}). Gate: what the export recorded (manifest `coarse.gate`, calibrated on validation images "
+        f"for {FINE}). Gate: what the scored bundle records (manifest `coarse.gate`, calibrated on validation images "
         "and synthetic defects).\n",
     ]
     if report.get("line_fpr") is not None:
@@ -393,7 +393,7 @@ def tables(report: dict) -> str:
             f"{fmt(r['ips_cascade'], 2)} | {fmt(r['speedup'], 2)} |"
         )
     gate = [
-        "\n## Gate as exported\n",
+        "\n## Gate of the scored bundle (after calibrate, with --line-fpr)\n",
         "| category | tile_threshold | agreement (calibration) | tile_share (calibration) |",
         "|---|---|---|---|",
     ]
