@@ -91,11 +91,56 @@ def judge(selection_maxima: np.ndarray, tile_threshold: float, data: dict, label
     gated = spatial_scores(tiles, selection_maxima, tile_threshold, predictor.grid, predictor.rule,
                            predictor.calibrations)  # fmt: skip
     return {
-        "tile_threshold": tile_threshold if math.isfinite(tile_threshold) else None,
+        "tile_threshold": float(tile_threshold) if math.isfinite(tile_threshold) else None,
         "tile_share": float(tile_selection(selection_maxima, tile_threshold).mean()),
         "agreement": float(np.mean((gated >= threshold) == full)),
         "auroc_full": auroc(labels, np.asarray(data["scores"])),
         "auroc_gated": auroc(labels, gated),
+    }
+
+
+def gate_window(c: np.ndarray, tiles: list[np.ndarray], full_scores: np.ndarray, threshold: float, predictor,
+                target: float, margin: float) -> tuple[float, tuple[float, float]]:  # fmt: skip
+    """A design tilecore does not ship, fitted on calibration images: the tile gate at threshold t_c, then every
+    tile for the images whose gated score lies inside a window around the image threshold (set as a member
+    cascade's window is: runtime.cascade.narrowest_window, widened by `margin` std of full - gated). Returns
+    the (t_c, window) pair that runs the fewest tiles on these images."""
+    from tilecore.runtime.cascade import narrowest_window
+    from tilecore.runtime.spatial import spatial_scores
+
+    full = full_scores >= threshold
+    budget = math.floor((1.0 - target) * len(full) + 1e-9)
+    best = (math.inf, -math.inf, (threshold, threshold))
+    for t_c in [*np.unique(c)[::-1][:: max(1, c.size // 400)], -math.inf]:  # about 400 candidates, largest first
+        gated = spatial_scores(tiles, c, t_c, predictor.grid, predictor.rule, predictor.calibrations)  # [N]
+        low, high = narrowest_window(gated, full, threshold, budget)
+        spread = float(np.std(full_scores - gated)) * margin
+        low, high = low - spread, high + spread
+        inside = (gated >= low) & (gated <= high)
+        cost = float(np.where(inside, c.shape[1], (c >= t_c).sum(axis=1)).mean())  # tiles run per image
+        if cost < best[0]:
+            best = (cost, t_c, (low, high))
+    return best[1], best[2]
+
+
+def judge_window(c: np.ndarray, t_c: float, window: tuple[float, float], data: dict, labels: np.ndarray,
+                 threshold: float, predictor) -> dict:  # fmt: skip
+    """The stream through gate_window's design: tiles run, agreement, AUROC."""
+    from tilecore.runtime.spatial import spatial_scores
+
+    tiles = [np.asarray(t, dtype=np.float32) for t in data["tile_scores"]]
+    full_scores = np.asarray(data["scores"])
+    gated = spatial_scores(tiles, c, t_c, predictor.grid, predictor.rule, predictor.calibrations)
+    inside = (gated >= window[0]) & (gated <= window[1])
+    scores = np.where(inside, full_scores, gated)
+    return {
+        "tile_threshold": float(t_c) if math.isfinite(t_c) else None,
+        "window": [float(w) for w in window],
+        "images_in_window": float(inside.mean()),
+        "tile_share": float(np.where(inside, c.shape[1], (c >= t_c).sum(axis=1)).mean() / c.shape[1]),
+        "agreement": float(np.mean((scores >= threshold) == (full_scores >= threshold))),
+        "auroc_full": auroc(labels, full_scores),
+        "auroc_gated": auroc(labels, scores),
     }
 
 
@@ -125,7 +170,15 @@ def describe(bundle: Path, data: dict, labels: np.ndarray, fpr: float, agreement
     oracle = calibrate_gate(c, labels == 0, full, labels_at, agreement, 0.0)
     image_score = np.repeat(c.max(axis=1, keepdims=True), c.shape[1], axis=1)  # [N, T]: every tile or none
     image_cut = calibrate_gate(image_score, labels == 0, full, lambda t: labels_at(t, image_score), agreement, 0.0)
+    # gate + window, fitted on export's calibration images and the line's good images only (never the stream)
+    line_c = np.asarray(line["maxima"], dtype=np.float32)
+    both_c = np.concatenate([maxima, line_c])
+    pairs = zip(exported_tiles, line["tile_scores"], strict=True)
+    both_tiles = [np.concatenate([a, np.asarray(b, dtype=np.float32)]) for a, b in pairs]  # [M] x [N + K, T]
+    both_full = spatial_scores(both_tiles, both_c, -math.inf, grid, rule, calibrations)  # every tile: the full scores
+    t_c, window = gate_window(both_c, both_tiles, both_full, threshold, predictor, gate.target_agreement, gate.margin)
     return {
+        "gate_plus_window": judge_window(c, t_c, window, stream, labels, threshold, predictor),
         "threshold": float(threshold),
         "run_threshold": float(predictor.manifest.thresholds.image),
         "stream_normals_flagged": float(full[labels == 0].mean()),
