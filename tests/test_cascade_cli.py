@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import assert_one_line_refusal, run_cli
+from tests.cli import assert_one_line_refusal, run_cli, run_cli_here
 
 MEMBER = {"backbone": "resnet18", "layers": ["layer2", "layer3"], "pretrained": False}
 
@@ -163,6 +163,16 @@ def test_calibrate_refits_the_windows_at_the_new_threshold_on_export_and_good_im
     for ref, new in zip(reference.stages[:-1], after.cascade.stages[:-1], strict=True):
         assert new.window == pytest.approx(ref.window, abs=1e-3)
     assert after.cascade.agreement == reference.agreement
+
+
+def test_calibrate_says_how_the_windows_were_set(ensemble: dict[str, Path]) -> None:
+    good = ensemble["root"] / "data" / "gravel" / "test" / "good" / "*.png"
+    out = ensemble["root"] / "recalibrated-cli"
+    proc = run_cli_here("calibrate", ensemble["bundle"], str(good), "--target-fpr", "0.25", "--out", out,
+                        "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calibration_images = json.loads((out / "manifest.json").read_text())["cascade"]["calibration_images"]
+    assert f"cascade windows refit on {calibration_images} images: order [" in proc.stderr
 
 
 def test_bench_counts_each_stages_images_and_tiles_and_times_the_full_ensemble_too(ensemble: dict[str, Path]) -> None:

@@ -516,6 +516,15 @@ def calibrate(
         f"({record.fpr:.4g} of {record.images} good images flagged, target {record.target_fpr:g}), "
         f"pixel threshold {record.previous.pixel:.6g} -> {t.pixel:.6g}; {len(outcome.skipped)} image(s) skipped",
     ]
+    cascade, coarse = outcome.manifest.cascade, outcome.manifest.coarse
+    if cascade is not None:
+        how = "refit" if cascade.calibration_scores else "moved with the threshold (bundle without calibration scores)"
+        exits = ", ".join(f"{s.exit_share:.0%}" for s in cascade.stages)
+        lines.append(f"cascade windows {how} on {cascade.calibration_images} images: order {list(cascade.order)}, "
+                     f"share leaving at each stage {exits}")  # fmt: skip
+    if coarse is not None and coarse.gate.scores is not None:
+        lines.append(f"tile gate refit on {coarse.gate.calibration_images} images: {coarse.gate.tile_share:.0%} of "
+                     "their tiles run")  # fmt: skip
     if outcome.signed:
         lines.append(f"signed with {sign}")
     elif outcome.was_signed:
