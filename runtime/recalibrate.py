@@ -147,8 +147,9 @@ def score_good_images(
         if passes is None:
             results = predictor.predict_batch(images)
         else:  # the cascade's windows and the gate are refit on these images too (recalibrated_manifest)
-            passes.append(predictor.calibration_pass(images))
-            results = passes[-1].results
+            full_pass = predictor.calibration_pass(images)
+            results = full_pass.results  # used here and dropped: only the small score arrays are kept
+            passes.append(replace(full_pass, results=[]))
         for result in results:
             scores.append(result.score)
             pixels.add(result.anomaly_map)
